@@ -1,0 +1,126 @@
+"""Files: resolve local paths or hub ids, load weights safely, write atomically.
+
+Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)` for
+`adapter_model.bin`. Every write goes to a temporary file in the target folder and is renamed
+into place, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+# huggingface_hub arguments users pass through `from_pretrained(..., **kwargs)`.
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "repo_type")
+
+
+def resolve_adapter_file(
+    model_id: str, filename: str, subfolder: Optional[str] = None, **kwargs: Any
+) -> str:
+    """Local path of `filename` for a local adapter folder or a hub repo id (cache when offline)."""
+    model_id = os.fspath(model_id)
+    local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(local_dir):
+        path = os.path.join(local_dir, filename)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"No {filename} in {local_dir!r}; is this an adapter folder written by save_pretrained?")
+        return path
+    if model_id.count("/") > 1 or model_id.startswith((".", "/", "~")) or os.path.exists(model_id):
+        raise CheckpointError(f"Adapter path {model_id!r} is not a folder; pass the folder holding {filename}.")
+    return _hub_download(model_id, filename, subfolder, kwargs)
+
+
+def _hub_download(repo_id: str, filename: str, subfolder: Optional[str], kwargs: Mapping[str, Any]) -> str:
+    from huggingface_hub import hf_hub_download
+
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and v is not None}
+    try:
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, **hub_kwargs)
+    except Exception as exc:  # huggingface_hub raises many types (offline, 404, bad id, ...)
+        raise CheckpointError(
+            f"Could not find {filename} for {repo_id!r}: not a local folder, and the hub gave "
+            f"{type(exc).__name__}: {exc}. Pass a local adapter folder, or go online once to fill the cache."
+        ) from exc
+
+
+def load_adapter_weights(model_id: str, device: Optional[str] = None, subfolder: Optional[str] = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Read `adapter_model.safetensors` (or `adapter_model.bin`, weights only) into a dict."""
+    try:
+        path = resolve_adapter_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+    except CheckpointError as safetensors_missing:
+        try:
+            path = resolve_adapter_file(model_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+        except CheckpointError:
+            raise safetensors_missing from None
+    return read_weights_file(path, device=device or "cpu")
+
+
+def read_weights_file(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors or weights-only torch file, naming the file when it is damaged."""
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path, device=device)
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # safetensors, pickle and OS errors all mean the same to the user
+        raise CheckpointError(
+            f"Adapter weights {path!r} are corrupt or truncated ({type(exc).__name__}: {exc}); "
+            "re-save or re-download the adapter."
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path!r} does not hold a flat dict of tensors; it is not an adapter weights file.")
+    return state
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(handle)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` via a temporary file and a rename."""
+
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_write(path, write)
+
+
+def atomic_save_weights(tensors: Mapping[str, torch.Tensor], path: str, safe_serialization: bool = True) -> None:
+    """Save tensors (safetensors with `{"format": "pt"}`, or torch .bin) via a temporary file."""
+    plain = _unshare(tensors)
+    if safe_serialization:
+        _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
+    else:
+        _atomic_write(path, lambda tmp: torch.save(plain, tmp))
+
+
+def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous, detached tensors; those sharing storage are cloned (safetensors refuses aliases)."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach()
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
+        if pointer in seen or not tensor.is_contiguous():
+            tensor = tensor.contiguous().clone()
+        seen.add(pointer)
+        out[key] = tensor
+    return out

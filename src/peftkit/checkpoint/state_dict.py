@@ -1,0 +1,136 @@
+"""One symmetric mapping between a model's adapter tensors and peft's checkpoint keys.
+
+`adapter_tensor_map(model, name)` walks the adapter-bearing modules and asks each for its keys
+(adapter name removed, as in peft files), so saving reads the map and loading writes through
+it -- there is no string surgery on state-dict keys in either direction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..tuners._core.layer import BaseTunerLayer
+from ..tuners._core.modules_to_save import ModulesToSaveWrapper
+from ..utils.constants import PEFT_MODEL_PREFIX
+
+
+class IncompatibleKeys(NamedTuple):
+    """Keys the model expected but the checkpoint lacks, and keys the model does not know."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _tuner_of(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module, str]:
+    """(tuner or None, module tree holding the adapters, key prefix) for a PeftModel or an injected model."""
+    from ..tuners._core.tuner import BaseTuner
+
+    base_model = model.__dict__.get("_modules", {}).get("base_model")
+    if isinstance(base_model, BaseTuner):
+        return base_model, base_model.model, PEFT_MODEL_PREFIX
+    if isinstance(model, BaseTuner):
+        return model, model.model, "model."
+    return None, model, ""
+
+
+def adapter_tensor_map(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Checkpoint key -> live tensor for every tensor of `adapter_name` (the prefix included)."""
+    tuner, tree, prefix = _tuner_of(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in tree.named_modules():
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            state.update(module.adapter_state(adapter_name, name))
+    if tuner is not None and adapter_name in tuner.peft_config:
+        state.update(tuner.extra_adapter_state(adapter_name))
+    return {prefix + key: tensor for key, tensor in state.items()}
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: Any = "auto",
+) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter_name` under peft's checkpoint keys (detached).
+
+    If `state_dict` is given (e.g. gathered by FSDP or DeepSpeed), values are taken from it by the
+    parameters' in-model names instead of from the live tensors.
+    """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    live = adapter_tensor_map(model, adapter_name)
+    if state_dict is None:
+        return {key: tensor.detach() for key, tensor in live.items()}
+    names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+    return {key: state_dict[names[id(tensor)]] for key, tensor in live.items() if names.get(id(tensor)) in state_dict}
+
+
+def _strip_prefix(keys: Mapping[str, torch.Tensor], expected_prefix: str) -> dict[str, torch.Tensor]:
+    """Accept keys with or without `base_model.model.` (peft writes both kinds)."""
+    out = {}
+    for key, tensor in keys.items():
+        bare = key[len(PEFT_MODEL_PREFIX):] if key.startswith(PEFT_MODEL_PREFIX) else key
+        out[expected_prefix + bare] = tensor
+    return out
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+    strict: bool = False,
+) -> IncompatibleKeys:
+    """Copy checkpoint tensors into `adapter_name`'s live tensors.
+
+    A shape mismatch raises `CheckpointError` naming the tensor and both shapes (or is skipped
+    with `ignore_mismatched_sizes`). With `strict`, missing or unexpected keys raise too;
+    otherwise they are returned, like `nn.Module.load_state_dict(strict=False)`.
+    """
+    tuner, _, prefix = _tuner_of(model)
+    target = adapter_tensor_map(model, adapter_name)
+    incoming = _strip_prefix(peft_model_state_dict, prefix)
+    tolerated = tuner.tolerated_checkpoint_keys(adapter_name) if tuner is not None else ()
+    unexpected = sorted(k for k in incoming if k not in target and not any(re.match(p, k) for p in tolerated))
+    missing = sorted(k for k in target if k not in incoming)
+    if strict and (missing or unexpected):
+        raise CheckpointError(_describe_key_mismatch(missing, unexpected))
+    _check_shapes(target, incoming, ignore_mismatched_sizes)
+    with torch.no_grad():
+        for key, tensor in target.items():
+            if key in incoming and incoming[key].shape == tensor.shape:
+                tensor.copy_(incoming[key])
+    return IncompatibleKeys(missing, unexpected)
+
+
+def _check_shapes(target: Mapping[str, torch.Tensor], incoming: Mapping[str, torch.Tensor], ignore: bool) -> None:
+    for key, tensor in target.items():
+        if key in incoming and incoming[key].shape != tensor.shape and not ignore:
+            raise CheckpointError(
+                f"Shape mismatch for {key}: the checkpoint has {tuple(incoming[key].shape)}, the model "
+                f"expects {tuple(tensor.shape)}. The adapter config (r, target_modules) does not match its "
+                "weights, or the adapter was trained on another base model."
+            )
+
+
+def _describe_key_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    def shown(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing from the checkpoint: {shown(missing)}")
+    if unexpected:
+        parts.append(f"not in the model: {shown(unexpected)}")
+    return (
+        "The adapter weights do not fit this model (" + "; ".join(parts) + "). Was it trained on another "
+        "base model, or with other target_modules?"
+    )

@@ -1,0 +1,414 @@
+"""`PeftModel` and its task wrappers: a frozen base model plus named adapters, peft's public API.
+
+`PeftModel.base_model` is the method's tuner (e.g. `LoraModel`), whose `.model` is the user's
+model with adapter layers injected; checkpoint keys therefore start with `base_model.model.`.
+Task wrappers differ only in the heads they train in full and in their forward signature (which
+`transformers.Trainer` reads to pick dataset columns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoint.io import atomic_save_weights, load_adapter_weights
+from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .config import PeftConfig
+from .errors import AdapterNameError, CheckpointError, ConfigError
+from .registry import method_spec
+from .utils.adapter_names import validate_adapter_name
+from .utils.constants import CLASSIFIER_MODULE_NAMES, QA_MODULE_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.peft_types import TaskType
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
+
+
+class PeftModel(nn.Module):
+    """Base model + adapters. Build with `get_peft_model` or load with `PeftModel.from_pretrained`."""
+
+    #: Heads trained in full for this task (added to `modules_to_save`, as peft does).
+    task_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        validate_adapter_name(adapter_name)
+        peft_config = self._with_task_modules(peft_config)
+        self.peft_type = peft_config.peft_type
+        self.special_peft_forward_args = {"adapter_names"}
+        tuner_cls = method_spec(peft_config.peft_type).tuner_cls
+        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
+        if _is_checkpointing(model):
+            self._enable_input_require_grads()
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes PeftModel lacks come from the tuner, then the base model (`.config`, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with adapter layers injected)."""
+        return self.base_model.model
+
+    def _with_task_modules(self, config: PeftConfig) -> PeftConfig:
+        if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):
+            return config
+        names = list(config.modules_to_save or [])
+        names += [name for name in self.task_modules_to_save if name not in names]
+        return dataclasses.replace(config, modules_to_save=names)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new (inactive) adapter; on failure the model is unchanged."""
+        if str(peft_config.peft_type) != str(self.peft_type):
+            raise ConfigError(
+                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
+                "one PeftModel holds adapters of one method."
+            )
+        self.base_model.add_adapter(adapter_name, self._with_task_modules(peft_config))
+        self.base_model.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model computes the base model's output."""
+        with self.base_model._adapters_disabled():
+            yield
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as peft counts them."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = param.numel() * getattr(param, "peftkit_numel_factor", 1)
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ training helpers
+    def _enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad, so reentrant checkpointing reaches the adapters."""
+        model = self.get_base_model()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """Turn on activation checkpointing in the base model, with gradients reaching the adapters."""
+        model = self.get_base_model()
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        self._enable_input_require_grads()
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def _forward_named(self, **kwargs: Any) -> Any:
+        """Call the base model with the named arguments that were given (None ones dropped)."""
+        return self.base_model(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self,
+        save_directory: str,
+        safe_serialization: bool = True,
+        selected_adapters: Optional[list[str]] = None,
+        save_embedding_layers: Union[str, bool] = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (peft's layout).
+
+        Adapter "default" goes in `save_directory`, any other adapter `X` in `save_directory/X`.
+        Only the main process writes (`is_main_process`); every file is written atomically.
+        """
+        if os.path.isfile(save_directory):
+            raise CheckpointError(f"save_directory {save_directory!r} is a file; pass a directory path.")
+        if path_initial_model_for_weight_conversion is not None:
+            raise ConfigError("path_initial_model_for_weight_conversion is not supported yet (PiSSA/OLoRA conversion).")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self.base_model._check_adapter_exists(names)
+        for name in names:
+            validate_adapter_name(name)
+            state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name)
+            if not is_main_process:
+                continue
+            out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(out_dir, exist_ok=True)
+            weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+            atomic_save_weights(state, os.path.join(out_dir, weights_name), safe_serialization)
+            self._config_to_save(name).save_pretrained(out_dir, auto_mapping_dict=self._auto_mapping(name))
+
+    def _config_to_save(self, adapter_name: str) -> PeftConfig:
+        config = self.peft_config[adapter_name]
+        base_name = config.base_model_name_or_path or _name_or_path(self.get_base_model())
+        return dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name)
+
+    def _auto_mapping(self, adapter_name: str) -> Optional[dict[str, str]]:
+        if self.peft_config[adapter_name].task_type is not None:
+            return None
+        base = self.get_base_model()
+        return {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[PeftConfig] = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> "PeftModel":
+        """Wrap `model` and load an adapter saved by peftkit or peft (local folder or hub id)."""
+        validate_adapter_name(adapter_name)
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        if config is None:
+            config = PeftConfig.from_pretrained(os.fspath(model_id), **hub_kwargs)
+        if config.is_prompt_learning and is_trainable:
+            raise ConfigError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        peft_model = wrapper_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            peft_model._load_weights(os.fspath(model_id), adapter_name, **hub_kwargs)
+        except BaseException:
+            peft_model.base_model._remove_adapter_from_layers(adapter_name)
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Load another adapter into this model under `adapter_name` (it stays inactive).
+
+        If anything fails (bad config, missing file, shape mismatch) the model is left unchanged.
+        """
+        validate_adapter_name(adapter_name)
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(f"An adapter named {adapter_name!r} is loaded already; pick another name.")
+        config = PeftConfig.from_pretrained(os.fspath(model_id), **hub_kwargs)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        self.add_adapter(adapter_name, config)
+        try:
+            result = self._load_weights(os.fspath(model_id), adapter_name, **hub_kwargs)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+        return result
+
+    def _load_weights(self, model_id: str, adapter_name: str, **hub_kwargs: Any) -> Any:
+        weights = load_adapter_weights(model_id, **hub_kwargs)
+        return set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    if flag is not None:
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def _name_or_path(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+# ---------------------------------------------------------------------- task wrappers
+class PeftModelForCausalLM(PeftModel):
+    """Decoder-only language models (`AutoModelForCausalLM`)."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._forward_named(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+        )
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder models (`AutoModelForSeq2SeqLM`, e.g. T5)."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        decoder_input_ids: Optional[torch.Tensor] = None,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+        decoder_inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._forward_named(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            **kwargs,
+        )
+
+
+class _EncoderTaskModel(PeftModel):
+    """Encoder tasks share one signature: ids, masks, embeddings, labels."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._forward_named(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+        )
+
+
+class PeftModelForSequenceClassification(_EncoderTaskModel):
+    """Sequence classification: the `classifier` / `score` head is trained in full and saved."""
+
+    task_modules_to_save = CLASSIFIER_MODULE_NAMES
+
+
+class PeftModelForTokenClassification(_EncoderTaskModel):
+    """Token classification: the `classifier` / `score` head is trained in full and saved."""
+
+    task_modules_to_save = CLASSIFIER_MODULE_NAMES
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive QA: the `qa_outputs` head is trained in full and saved."""
+
+    task_modules_to_save = QA_MODULE_NAMES
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        start_positions: Optional[torch.Tensor] = None,
+        end_positions: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._forward_named(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            start_positions=start_positions,
+            end_positions=end_positions,
+            **kwargs,
+        )
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for embeddings (`AutoModel`)."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._forward_named(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}

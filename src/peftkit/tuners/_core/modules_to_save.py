@@ -1,0 +1,87 @@
+"""`ModulesToSaveWrapper`: a fully trainable copy of a whole module per adapter (e.g. a classifier head).
+
+The original stays frozen and is used when adapters are disabled or the active adapter has no
+copy; checkpoints hold the copy under the original module's keys (`classifier.weight`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Holds `original_module` and one trainable deep copy of it per adapter."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter = [adapter_name]
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for `adapter_name`."""
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        self.set_adapter(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def _active_module(self) -> nn.Module:
+        name = self.active_adapter
+        if self._disable_adapters or name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._active_module().weight
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._active_module()(*args, **kwargs)
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        """Activate the copy of the (single) named adapter; only it trains."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == names[0])
+        self._active_adapter = names[:1]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self._active_adapter)
+        else:
+            self.modules_to_save.requires_grad_(False)
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if adapter_name in self._active_adapter and len(self.modules_to_save):
+            self._active_adapter = [next(iter(self.modules_to_save.keys()))]
+
+    def adapter_state(self, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
+        """Checkpoint keys are the original module's own: `<prefix>.<param>`."""
+        if adapter_name not in self.modules_to_save:
+            return {}
+        module = self.modules_to_save[adapter_name]
+        return {f"{prefix}.{name}": tensor for name, tensor in module.state_dict(keep_vars=True).items()}
+
+    def resolve(self, adapter_name: str) -> nn.Module:
+        """The module to keep when unloading: the adapter's copy if it has one, else the original."""
+        return self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else self.original_module

@@ -1,0 +1,118 @@
+"""`LoraConfig`: fields, defaults and validation of LoRA, as in Hugging Face peft."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional, Union
+
+from ...config import PeftConfig
+from ...errors import ConfigError
+from ...utils.validation import as_name_set, check_dropout, check_layer_selection, check_positive_number, check_rank
+from ...utils.peft_types import PeftType
+
+_INIT_CHOICES = (True, False, "gaussian")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter: `y = W x + scaling * B A dropout(x)`.
+
+    Args:
+        r: Rank of the update (`A: r x in`, `B: out x r`).
+        target_modules: Module names (suffix match), a regex over full paths, or "all-linear".
+            None picks the query/value projections of known architectures.
+        exclude_modules: Names or a regex of modules never to wrap.
+        lora_alpha: Numerator of `scaling = lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA).
+        lora_dropout: Dropout on the adapter input.
+        fan_in_fan_out: True when the base stores its weight as (in, out), e.g. GPT-2 `Conv1D`.
+        bias: "none", "all" (train every bias) or "lora_only" (the biases of wrapped layers).
+        use_rslora: Rank-stabilised scaling `lora_alpha / sqrt(r)`.
+        modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier).
+        init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
+            or False (random A and B; the adapter is not a no-op -- for tests).
+        layers_to_transform / layers_pattern: Restrict wrapping to these block indices.
+        rank_pattern / alpha_pattern: Per-module rank / alpha, keyed by a regex of the module path.
+    """
+
+    peft_type: Optional[Union[str, PeftType]] = PeftType.LORA
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to wrap"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip"})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Base weight stored (in, out)"})
+    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Bias training"})
+    use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Fully trained modules"})
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={"help": "Initialisation"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices"})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name"})
+    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module rank"})
+    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module alpha"})
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"
+    trainable_token_indices: Optional[Any] = None
+    loftq_config: Union[dict, Any] = field(default_factory=dict)
+    eva_config: Optional[Any] = None
+    corda_config: Optional[Any] = None
+    lora_ga_config: Optional[Any] = None
+    use_dora: bool = False
+    velora_config: Optional[Any] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Optional[Any] = None
+    layer_replication: Optional[list] = None
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    use_bdlora: Optional[Any] = None
+    arrow_config: Optional[Any] = None
+    kasa_config: Optional[Any] = None
+    ensure_weight_tying: bool = False
+
+    # peft fields whose features peftkit does not implement yet: they must keep their defaults.
+    unsupported_fields: ClassVar[dict[str, Any]] = {
+        "megatron_config": None,
+        "trainable_token_indices": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "use_dora": False,
+        "velora_config": None,
+        "alora_invocation_tokens": None,
+        "use_qalora": False,
+        "monteclora_config": None,
+        "layer_replication": None,
+        "lora_bias": False,
+        "target_parameters": None,
+        "use_bdlora": None,
+        "arrow_config": None,
+        "kasa_config": None,
+        "ensure_weight_tying": False,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if str(self.peft_type) != PeftType.LORA.value:
+            raise ConfigError(f"LoraConfig has peft_type {self.peft_type!r}; it must be 'LORA'.")
+        self.peft_type = PeftType.LORA
+        self.target_modules = as_name_set(self.target_modules)
+        self.exclude_modules = as_name_set(self.exclude_modules)
+        check_rank(self.r, "r")
+        check_positive_number(self.lora_alpha, "lora_alpha")
+        check_dropout(self.lora_dropout, 'lora_dropout')
+        for key, rank in (self.rank_pattern or {}).items():
+            check_rank(rank, f"rank_pattern[{key!r}]")
+        for key, alpha in (self.alpha_pattern or {}).items():
+            check_positive_number(alpha, f"alpha_pattern[{key!r}]")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={self.bias!r} is not valid; use 'none', 'all' or 'lora_only'.")
+        if self.init_lora_weights not in _INIT_CHOICES:
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'."
+            )
+        check_layer_selection(self)
+        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+

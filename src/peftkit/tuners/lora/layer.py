@@ -1,0 +1,253 @@
+r"""LoRA layers: a frozen base layer plus a low-rank update per adapter.
+
+    y = W x + scaling * B A dropout(x),   scaling = lora_alpha / r   (lora_alpha / sqrt(r) with rsLoRA)
+
+         x ──────────────┬──────────────┐
+                         │              │ dropout
+                   ┌─────▼─────┐   ┌────▼────┐
+                   │  W (frozen)│   │ A: r x in│  Kaiming-uniform(a=sqrt 5)
+                   └─────┬─────┘   └────┬────┘
+                         │         ┌────▼────┐
+                         │         │ B: out x r│  zeros -> a new adapter is a no-op
+                         │         └────┬────┘
+                         └──── + ◄──────┘ * scaling
+
+Layers exist for `nn.Linear`, GPT-2's `Conv1D` (weight stored (in, out): `fan_in_fan_out`),
+`nn.Embedding` and `nn.Conv1d/2d/3d`. Each adapter lives in `lora_A[name]` / `lora_B[name]`
+(`lora_embedding_A/B[name]` for embeddings), the attribute layout peft and its ecosystem read.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...errors import TargetModulesError
+from .._core.layer import BaseTunerLayer
+from ...utils.validation import check_rank
+
+InitChoice = Union[bool, str]
+
+
+class LoraLayer(BaseTunerLayer):
+    """What every LoRA layer shares: per-adapter rank, alpha, scaling, dropout and init."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        self._init_tuner_layer(base_layer)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: InitChoice = True,
+        use_rslora: bool = False,
+    ) -> None:
+        """Add (or replace) adapter `adapter_name` on this layer."""
+        check_rank(r, "r")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        # No dropout op at all when p == 0: it would cost a copy of x per step for nothing.
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._create_adapter_weights(adapter_name, r)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitChoice) -> None:
+        """A Kaiming-uniform (or N(0, 1/r) for "gaussian") and B zero, so delta_W starts at 0.
+
+        Embeddings are the other way round (A zero, B normal), as in peft. `False` keeps the random
+        init of both factors, which makes the adapter a non-trivial function (useful in tests).
+        """
+        if init_lora_weights is False:
+            return
+        if adapter_name in self.lora_A:
+            weight_a = self.lora_A[adapter_name].weight
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(weight_a, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _lora_delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """scaling * B(A(dropout(x))) for module-form adapters (Linear, Conv)."""
+        lora_a = self.lora_A[adapter_name]
+        x = x.to(lora_a.weight.dtype)
+        return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
+
+    def _active_here(self) -> list[str]:
+        return [name for name in self._active_adapter if name in self.r]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each active adapter's update (none when disabled or merged)."""
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for adapter_name in self._active_here():
+            result = result + self._adapter_output(x, adapter_name)
+        return result.to(result_dtype)
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self._lora_delta_output(x, adapter_name)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Linear(LoraLayer, nn.Module):
+    """LoRA on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **lora_kwargs: Any):
+        super().__init__()
+        if isinstance(base_layer, Conv1D):
+            in_features, out_features = base_layer.weight.shape
+        else:
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+        self._init_lora_layer(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, **lora_kwargs)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """delta_W = scaling * B A, transposed for (in, out)-stored bases."""
+        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class Embedding(LoraLayer, nn.Module):
+    """LoRA on `nn.Embedding`: the update is a low-rank table `(B A)^T` looked up by token id."""
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, **lora_kwargs: Any):
+        super().__init__()
+        self._init_lora_layer(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, **lora_kwargs)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+
+    def _active_here(self) -> list[str]:
+        return [name for name in self._active_adapter if name in self.lora_embedding_A]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]
+        return delta.T * self.scaling[adapter_name]
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        base = self.get_base_layer()
+        after_a = F.embedding(
+            x,
+            self.lora_embedding_A[adapter_name].T,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        return (after_a @ self.lora_embedding_B[adapter_name].T) * self.scaling[adapter_name]
+
+
+class Conv(LoraLayer, nn.Module):
+    """LoRA on `nn.Conv1d/2d/3d`: A is a conv with the base kernel, B a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **lora_kwargs: Any):
+        super().__init__()
+        if base_layer.groups != 1:
+            raise TargetModulesError(
+                f"LoRA does not support grouped convolutions (groups={base_layer.groups}); "
+                "exclude this module via exclude_modules."
+            )
+        self._init_lora_layer(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, **lora_kwargs)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        base = self.get_base_layer()
+        conv_cls = type(base)
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[adapter_name] = conv_cls(
+            self.in_features, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
+        )
+        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=False)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """delta_W[o, i, k] = scaling * sum_r B[o, r] A[r, i, k] (B is 1x1, so it is a matmul)."""
+        weight_a = self.lora_A[adapter_name].weight
+        weight_b = self.lora_B[adapter_name].weight
+        delta = weight_b.flatten(1) @ weight_a.flatten(1)
+        return delta.view(self.get_base_layer().weight.shape) * self.scaling[adapter_name]
+
+
+# Each dispatcher returns a LoRA layer for a base module it understands, or None. Other packages
+# (quantized layers, bitsandbytes) append theirs, so supporting a new layer type touches no core code.
+Dispatcher = Callable[..., Optional[nn.Module]]
+
+
+def _dispatch_default(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs: Any) -> Optional[nn.Module]:
+    if isinstance(target, nn.Embedding):
+        return Embedding(target, adapter_name, **kwargs)
+    if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv(target, adapter_name, **kwargs)
+    if isinstance(target, nn.Linear):
+        if fan_in_fan_out:
+            warnings.warn("fan_in_fan_out=True is wrong for torch.nn.Linear; using False.", stacklevel=4)
+        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+    if isinstance(target, Conv1D):
+        if not fan_in_fan_out:
+            warnings.warn("transformers' Conv1D stores its weight (in, out); using fan_in_fan_out=True.", stacklevel=4)
+        return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
+    return None
+
+
+LORA_DISPATCHERS: list[Dispatcher] = [_dispatch_default]
+SUPPORTED_LAYERS = "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and transformers' Conv1D"
+
+
+def create_lora_module(target: nn.Module, adapter_name: str, key: str, **kwargs: Any) -> nn.Module:
+    """Wrap `target` in the LoRA layer for its type, or say which types are supported."""
+    for dispatch in reversed(LORA_DISPATCHERS):
+        module = dispatch(target, adapter_name, **kwargs)
+        if module is not None:
+            return module
+    raise TargetModulesError(
+        f"Target module {key!r} is a {type(target).__name__}, which LoRA cannot wrap. Supported: "
+        f"{SUPPORTED_LAYERS}. Narrow target_modules (or add {key.rpartition('.')[2]!r} to exclude_modules)."
+    )

@@ -1,0 +1,95 @@
+"""`LoraModel`: the LoRA tuner -- picks per-module rank/alpha and wraps targets in LoRA layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ...registry import register_method
+from ...utils.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
+from ...utils.peft_types import PeftType
+from .._core.matching import pattern_value
+from .._core.module_tree import replace_module
+from .._core.modules_to_save import ModulesToSaveWrapper
+from .._core.tuner import BaseTuner
+from .config import LoraConfig
+from .layer import LoraLayer, create_lora_module
+
+
+class LoraModel(BaseTuner):
+    """Creates LoRA adapters on a model: `LoraModel(model, LoraConfig(...), "default")`.
+
+    Usually built through `get_peft_model`; `model.base_model` of a `PeftModel` is this object.
+    """
+
+    prefix = "lora_"
+    default_target_modules = LORA_TARGET_MODULES_BY_MODEL_TYPE
+
+    def _create_and_replace(
+        self,
+        config: LoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        kwargs: dict[str, Any] = {
+            "r": pattern_value(config.rank_pattern or {}, current_key, config.r),
+            "lora_alpha": pattern_value(config.alpha_pattern or {}, current_key, config.lora_alpha),
+            "lora_dropout": config.lora_dropout,
+            "init_lora_weights": config.init_lora_weights,
+            "use_rslora": config.use_rslora,
+        }
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        new_module = create_lora_module(
+            target, adapter_name, key=current_key, fan_in_fan_out=config.fan_in_fan_out, **kwargs
+        )
+        replace_module(parent, target_name, new_module)
+
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        with_bias = [name for name, cfg in self.peft_config.items() if cfg.bias != "none"]
+        if with_bias and config.bias != "none":
+            raise ConfigError(
+                "LoRA supports only one adapter with bias != 'none' per model; "
+                f"adapter {with_bias[0]!r} has one already. Use bias='none' for the new adapter."
+            )
+
+    def _bias_parameters(self, config: LoraConfig) -> dict[str, nn.Parameter]:
+        """Biases that `bias="all"` / `"lora_only"` train and save, keyed by their module path."""
+        if config.bias == "none":
+            return {}
+        if config.bias == "lora_only":
+            return {
+                f"{name}.base_layer.bias": layer.base_layer.bias
+                for name, layer in self.tuner_layers()
+                if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None
+            }
+        wrappers = [name for name, module in self.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+        return {
+            name: param
+            for name, param in self.model.named_parameters()
+            if name.endswith("bias") and not any(name.startswith(w + ".") for w in wrappers)
+        }
+
+    def _mark_extra_trainable(self, config: LoraConfig) -> None:
+        for param in self._bias_parameters(config).values():
+            param.requires_grad_(True)
+
+    def extra_adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return dict(self._bias_parameters(self.peft_config[adapter_name]))
+
+    def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
+        # With bias="all", peft also writes the head's `original_module.bias` and an adapter-less
+        # `modules_to_save.bias`; neither is used in forward (the copy's `<head>.bias` is).
+        if self.peft_config[adapter_name].bias == "all":
+            return (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
+        return ()
+
+
+register_method(PeftType.LORA, LoraConfig, LoraModel, prefix="lora_")

@@ -1,0 +1,1 @@
+"""Small helpers shared across peftkit (enums, constants, module-tree utilities)."""

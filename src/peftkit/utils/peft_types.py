@@ -1,0 +1,40 @@
+"""The method and task enums, spelled exactly as in Hugging Face peft.
+
+Both are `str` enums, so `TaskType.CAUSAL_LM == "CAUSAL_LM"` and the values serialise to
+JSON as plain strings (`"peft_type": "LORA"` in `adapter_config.json`).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class PeftType(str, enum.Enum):
+    """Which parameter-efficient method an adapter uses."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
+    BOTTLENECK = "BOTTLENECK"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskType(str, enum.Enum):
+    """Which task wrapper (`PeftModelFor...`) a model gets."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value

@@ -1,0 +1,158 @@
+"""The property suite every layer-wrapping method must pass, written once and reused per method.
+
+Each check takes a factory for a fresh base model, its inputs, and a config whose adapter is a
+non-trivial function (e.g. LoRA with `init_lora_weights=False`), and asserts a property that
+fails if the method breaks it: merged == unmerged, disabled == base, save -> load identical, only
+adapter parameters train, adapters switch, a short training run lowers the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from peftkit import PeftModel, get_peft_model
+
+ATOL = 1e-5
+
+
+def output_of(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The main output tensor (logits) of a forward pass in eval mode without grad."""
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
+    assert torch.allclose(a, b, atol=atol), f"max abs diff {float((a - b).abs().max()):.3g} > {atol}"
+
+
+def assert_differs(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert not torch.allclose(a, b, atol=ATOL), "the adapter did not change the output; the check would be vacuous"
+
+
+def check_merge_equals_unmerged(make_model: Callable, inputs: dict, config) -> None:
+    model = get_peft_model(make_model(), config)
+    unmerged = output_of(model, inputs)
+    assert_differs(unmerged, output_of(make_model(), inputs))
+    model.merge_adapter()
+    assert_close(output_of(model, inputs), unmerged)
+    merged_model = model.merge_and_unload()
+    assert not isinstance(merged_model, PeftModel)
+    assert_close(output_of(merged_model, inputs), unmerged)
+
+
+def check_merge_unmerge_restores_weights(make_model: Callable, config) -> None:
+    base_state = {k: v.clone() for k, v in make_model().state_dict().items()}
+    model = get_peft_model(make_model(), config)
+    model.merge_adapter()
+    changed = [k for k, v in model.unload().state_dict().items() if k in base_state and not torch.allclose(v, base_state[k], atol=1e-6)]
+    assert not changed, f"unload() must unmerge first; changed: {changed[:3]}"
+    model = get_peft_model(make_model(), config)
+    merged = model.base_model.model
+    model.merge_adapter()
+    assert any(not torch.equal(v, base_state[k]) for k, v in _base_weights(merged).items()), "merge changed nothing"
+    model.unmerge_adapter()
+    for key, value in _base_weights(merged).items():
+        assert torch.allclose(value, base_state[key], atol=1e-6), key
+
+
+def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base-model weights under their original names (`...q_proj.base_layer.weight` -> `...q_proj.weight`)."""
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k and "modules_to_save" not in k and "original_module" not in k}
+
+
+def check_disable_gives_base(make_model: Callable, inputs: dict, config) -> None:
+    base_out = output_of(make_model(), inputs)
+    model = get_peft_model(make_model(), config)
+    adapted = output_of(model, inputs)
+    assert_differs(adapted, base_out)
+    with model.disable_adapter():
+        assert_close(output_of(model, inputs), base_out)
+    assert_close(output_of(model, inputs), adapted)
+
+
+def check_save_load_roundtrip(make_model: Callable, inputs: dict, config, tmp_path) -> None:
+    model = get_peft_model(make_model(), config)
+    expected = output_of(model, inputs)
+    model.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(make_model(), str(tmp_path))
+    assert_close(output_of(loaded, inputs), expected, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters()), "inference-mode load must freeze everything"
+    trainable = PeftModel.from_pretrained(make_model(), str(tmp_path), is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+
+
+def check_only_adapter_params_train(make_model: Callable, inputs: dict, config) -> None:
+    model = get_peft_model(make_model(), config)
+    model.train()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable, "no trainable parameters"
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**inputs).loss.backward()
+    optimizer.step()
+    changed = {name for name, param in model.named_parameters() if not torch.equal(param, before[name])}
+    assert changed, "an optimizer step changed nothing"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+    assert all(_is_adapter_param(name) for name in changed), sorted(changed)[:5]
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(tag in name for tag in ("lora_", "modules_to_save", "bias"))
+
+
+def check_adapters_switch(make_model: Callable, inputs: dict, config_a, config_b) -> None:
+    torch.manual_seed(1)
+    only_a = get_peft_model(make_model(), config_a)
+    out_a = output_of(only_a, inputs)
+    torch.manual_seed(2)
+    only_b = get_peft_model(make_model(), config_b)
+    out_b = output_of(only_b, inputs)
+    both = get_peft_model(make_model(), config_a, adapter_name="first")
+    both.add_adapter("second", config_b)
+    _copy_adapter(only_a, both, "default", "first")
+    _copy_adapter(only_b, both, "default", "second")
+    assert both.active_adapter == "first"
+    assert_close(output_of(both, inputs), out_a)
+    both.set_adapter("second")
+    assert_close(output_of(both, inputs), out_b)
+    trainable = {n for n, p in both.named_parameters() if p.requires_grad}
+    assert trainable and all(".first" not in n for n in trainable), "the inactive adapter must be frozen"
+    both.delete_adapter("second")
+    assert both.active_adapter == "first"
+    assert_close(output_of(both, inputs), out_a)
+
+
+def _copy_adapter(source: PeftModel, target: PeftModel, source_name: str, target_name: str) -> None:
+    from peftkit import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = get_peft_model_state_dict(source, adapter_name=source_name)
+    result = set_peft_model_state_dict(target, state, adapter_name=target_name)
+    assert not result.missing_keys and not result.unexpected_keys, result
+
+
+def check_training_lowers_loss(make_model: Callable, inputs: dict, config, steps: int = 20, lr: float = 1e-2) -> None:
+    model = get_peft_model(make_model(), config)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0], f"loss did not fall enough: {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+def fresh_adapter_is_noop(make_model: Callable, inputs: dict, config) -> None:
+    base_out = output_of(make_model(), inputs)
+    assert_close(output_of(get_peft_model(make_model(), config), inputs), base_out)
+
+
+def deepcopy_config(config):
+    return copy.deepcopy(config)
