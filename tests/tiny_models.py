@@ -1,4 +1,8 @@
-"""Factories for tiny transformers models and matching inputs, built from configs only."""
+"""Factories for tiny transformers models and matching inputs, built from configs only.
+
+initializer_range=0.2 (not 0.02) keeps activations large enough that an adapter visibly moves the
+logits, so equality checks cannot pass vacuously.
+"""
 
 from __future__ import annotations
 
@@ -34,14 +38,15 @@ def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.2,
     )
     return LlamaForCausalLM(config).eval()
 
 
 def gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=1)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=1,
+                        initializer_range=0.2)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -49,7 +54,7 @@ def bert_seq_cls() -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=VOCAB, max_position_embeddings=64, num_labels=3,
+        vocab_size=VOCAB, max_position_embeddings=64, num_labels=3, initializer_range=0.2,
     )
     return BertForSequenceClassification(config).eval()
 

@@ -1,0 +1,233 @@
+"""PeftModel API: wording, adapters, modules_to_save, checkpoints and their failure modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit import (
+    AdapterNameError,
+    CheckpointError,
+    LoraConfig,
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForSequenceClassification,
+    TargetModulesError,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+from peftkit.tuners._core import ModulesToSaveWrapper
+from tests.properties import assert_close, assert_differs, output_of
+from tests.tiny_models import MODEL_FACTORIES, bert_seq_cls, cls_inputs, llama, lm_inputs
+
+
+def lora(**kw) -> LoraConfig:
+    return LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, **kw})
+
+
+def _structure(model: torch.nn.Module) -> list[tuple[str, str]]:
+    return [(name, type(module).__name__) for name, module in model.named_modules()]
+
+
+def test_print_trainable_parameters_wording(capsys):
+    model = get_peft_model(llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    model.print_trainable_parameters()
+    line = capsys.readouterr().out.strip()
+    trainable, total = model.get_nb_trainable_parameters()
+    assert line == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    # q_proj (32->32) and v_proj (32->16) in 2 layers at r=4: 2 * (4*32 + 32*4 + 4*32 + 16*4)
+    assert trainable == 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4)
+    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", line)
+
+
+def test_task_wrapper_follows_task_type():
+    assert type(get_peft_model(llama(), lora(task_type="CAUSAL_LM"))) is PeftModelForCausalLM
+    assert type(get_peft_model(llama(), lora(target_modules=["q_proj"]))) is PeftModel
+
+
+def test_seq_cls_trains_and_saves_classifier(tmp_path):
+    model = get_peft_model(bert_seq_cls(), lora(task_type="SEQ_CLS"))
+    assert model.peft_config["default"].modules_to_save == ["classifier", "score"]
+    wrapper = model.base_model.model.classifier
+    assert isinstance(wrapper, ModulesToSaveWrapper)
+    assert all(p.requires_grad for p in wrapper.modules_to_save["default"].parameters())
+    assert not any(p.requires_grad for p in wrapper.original_module.parameters())
+    model.save_pretrained(str(tmp_path))
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(keys)
+
+
+def test_adapter_names_are_validated_before_any_file_operation(tmp_path):
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    for bad in ["../evil", "a/b", "", "a.b", "..", "x\\y", "__base__"]:
+        with pytest.raises(AdapterNameError):
+            model.add_adapter(bad, lora(target_modules=["q_proj"]))
+        with pytest.raises(AdapterNameError):
+            model.load_adapter(str(tmp_path), adapter_name=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_add_adapter_leaves_model_unchanged():
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    before = _structure(model)
+    with pytest.raises(TargetModulesError):
+        model.add_adapter("second", lora(target_modules=["q_proj", "input_layernorm"]))
+    assert _structure(model) == before and list(model.peft_config) == ["default"]
+
+
+def test_failed_load_adapter_leaves_model_unchanged(tmp_path):
+    source = get_peft_model(llama(), lora(r=8, target_modules=["q_proj"]))
+    source.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["r"] = 4  # the config no longer fits the weights
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    inputs = lm_inputs()
+    expected, before = output_of(model, inputs), _structure(model)
+    with pytest.raises(CheckpointError, match=r"Shape mismatch for .*q_proj\.lora_A\.weight.*\(8, 32\).*\(4, 32\)"):
+        model.load_adapter(str(tmp_path), adapter_name="other")
+    assert _structure(model) == before and list(model.peft_config) == ["default"]
+    assert_close(output_of(model, inputs), expected, atol=0)
+
+
+def test_failed_from_pretrained_restores_the_base_model(tmp_path):
+    get_peft_model(llama(), lora(target_modules=["q_proj"])).save_pretrained(str(tmp_path))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    base = llama()
+    before = _structure(base)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert _structure(base) == before
+
+
+def test_truncated_safetensors_is_reported(tmp_path):
+    get_peft_model(llama(), lora(target_modules=["q_proj"])).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors.*corrupt or truncated"):
+        PeftModel.from_pretrained(llama(), str(tmp_path))
+
+
+def test_adapter_for_another_model_lists_missing_and_unexpected_keys(tmp_path):
+    get_peft_model(llama(), lora(target_modules=["q_proj"])).save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["target_modules"] = ["k_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="missing from the checkpoint: .*k_proj.*not in the model: .*q_proj"):
+        PeftModel.from_pretrained(llama(), str(tmp_path))
+
+
+def test_missing_folder_and_offline_hub_id_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="No adapter_config.json"):
+        PeftModel.from_pretrained(llama(), str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="some-user/no-such-adapter.*local adapter folder"):
+        PeftModel.from_pretrained(llama(), "some-user/no-such-adapter")
+
+
+def test_bin_weights_load_only_tensors(tmp_path):
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    model.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()
+    assert_close(output_of(PeftModel.from_pretrained(llama(), str(tmp_path)), lm_inputs()), output_of(model, lm_inputs()))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Evil()}, str(tmp_path / "adapter_model.bin"))
+    with pytest.raises(CheckpointError):
+        PeftModel.from_pretrained(llama(), str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_save_layout_for_several_adapters_and_selection(tmp_path):
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    model.add_adapter("other", lora(target_modules=["v_proj"]))
+    model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "other" / "adapter_model.safetensors").exists()
+    assert all("v_proj" in key for key in load_file(str(tmp_path / "other" / "adapter_model.safetensors")))
+    assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path))
+    only = tmp_path / "only"
+    model.save_pretrained(str(only), selected_adapters=["other"])
+    assert sorted(os.listdir(only)) == ["other"]
+    reloaded = PeftModel.from_pretrained(llama(), str(tmp_path))
+    reloaded.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    model.set_adapter("other")
+    reloaded.set_adapter("other")
+    assert_close(output_of(reloaded, lm_inputs()), output_of(model, lm_inputs()))
+
+
+def test_unknown_adapter_and_redundant_operations():
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    with pytest.raises(AdapterNameError, match="Unknown adapter"):
+        model.set_adapter("nope")
+    with pytest.raises(AdapterNameError, match="exists already"):
+        model.add_adapter("default", lora(target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        model.unmerge_adapter()
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="already merged"):
+        model.merge_adapter()
+
+
+def test_deleting_the_active_adapter_activates_another():
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    model.add_adapter("other", lora(target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="'other' is active now"):
+        model.delete_adapter("default")
+    assert model.active_adapter == "other" and list(model.peft_config) == ["other"]
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert list(layer.lora_A.keys()) == ["other"]
+
+
+def test_inject_adapter_in_model_and_state_dict_without_prefix():
+    model = inject_adapter_in_model(lora(target_modules=["q_proj"]), llama())
+    state = get_peft_model_state_dict(model)
+    assert state and all(key.startswith("model.layers.") and ".default" not in key for key in state)
+    other = inject_adapter_in_model(lora(target_modules=["q_proj"]), llama())
+    prefixed = {"base_model.model." + key: value for key, value in state.items()}
+    result = set_peft_model_state_dict(other, prefixed)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_close(output_of(other, lm_inputs()), output_of(model, lm_inputs()))
+
+
+def test_gradients_reach_adapters_with_reentrant_checkpointing():
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    model(**lm_inputs()).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_generate_with_adapter_equals_merged_model():
+    inputs = lm_inputs()
+    model = get_peft_model(llama(), lora(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    kwargs = dict(input_ids=inputs["input_ids"], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    generated = model.generate(**kwargs)
+    assert generated.shape == (2, 12)
+    with model.disable_adapter():
+        base_generated = model.generate(**kwargs)
+    merged = model.merge_and_unload()
+    assert torch.equal(merged.generate(**kwargs), generated)
+    assert not torch.equal(base_generated, generated), "the adapter must change what is generated"
+
+
+def test_unload_returns_base_outputs_and_merge_and_unload_keeps_them():
+    case = MODEL_FACTORIES["bert"]
+    inputs = cls_inputs()
+    base_out = output_of(case.make_model(), inputs)
+    model = get_peft_model(case.make_model(), lora(task_type="SEQ_CLS", target_modules=["query"]))
+    adapted = output_of(model, inputs)
+    assert_differs(adapted, base_out)
+    assert_close(output_of(model.merge_and_unload(), inputs), adapted)
+    model = get_peft_model(case.make_model(), lora(task_type="SEQ_CLS", target_modules=["query"]))
+    assert_close(output_of(model.unload(), inputs), base_out)
