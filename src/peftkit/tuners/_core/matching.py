@@ -70,10 +70,10 @@ def describe_unmatched(targets: Any, model: nn.Module) -> str:
     """One message for target_modules that matched nothing: what exists and what is close."""
     leaf_names = sorted({name.rpartition(".")[2] for name, _ in model.named_modules() if name})
     wanted = [targets] if isinstance(targets, str) else sorted(targets or [])
-    close = sorted({m for t in wanted for m in difflib.get_close_matches(str(t), leaf_names, n=3, cutoff=0.6)})
+    close = list(dict.fromkeys(m for t in wanted for m in difflib.get_close_matches(str(t), leaf_names, n=3, cutoff=0.6)))
     hint = f" Close matches: {close}." if close else ""
     shown = leaf_names if len(leaf_names) <= 40 else leaf_names[:40] + ["..."]
     return (
-        f"target_modules {targets!r} matched no module of {type(model).__name__}.{hint} "
+        f"target_modules {wanted!r} matched no module of {type(model).__name__}.{hint} "
         f"Module names in this model: {shown}. Pass some of these names, a regex, or 'all-linear'."
     )
