@@ -231,3 +231,22 @@ def test_unload_returns_base_outputs_and_merge_and_unload_keeps_them():
     assert_close(output_of(model.merge_and_unload(), inputs), adapted)
     model = get_peft_model(case.make_model(), lora(task_type="SEQ_CLS", target_modules=["query"]))
     assert_close(output_of(model.unload(), inputs), base_out)
+
+
+def test_auto_peft_model_loads_base_and_adapter_from_disk(tmp_path):
+    from peftkit import AutoPeftModelForCausalLM, ConfigError
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    llama().save_pretrained(str(base_dir))
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)), lora(target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(str(adapter_dir))
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir))
+    assert isinstance(loaded, PeftModelForCausalLM)
+    assert_close(output_of(loaded, lm_inputs()), output_of(model, lm_inputs()))
+    anonymous = tmp_path / "anonymous"
+    get_peft_model(llama(), lora(target_modules=["q_proj"])).save_pretrained(str(anonymous))
+    with pytest.raises(ConfigError, match="does not name its base model"):
+        AutoPeftModelForCausalLM.from_pretrained(str(anonymous))

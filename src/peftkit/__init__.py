@@ -3,6 +3,15 @@
     from peftkit import LoraConfig, get_peft_model, PeftModel, TaskType
 """
 
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig
 from .errors import AdapterNameError, AdapterStateError, CheckpointError, ConfigError, PeftkitError, TargetModulesError
@@ -23,6 +32,13 @@ from .utils.peft_types import PeftType, TaskType
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "AdapterNameError",
     "AdapterStateError",
     "CheckpointError",

@@ -297,8 +297,8 @@ def _name_or_path(model: nn.Module) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------- task wrappers
-class PeftModelForCausalLM(PeftModel):
-    """Decoder-only language models (`AutoModelForCausalLM`)."""
+class _TaskModel(PeftModel):
+    """Most tasks share one forward signature: ids, mask, embeddings, labels (read by `Trainer`)."""
 
     def forward(
         self,
@@ -311,6 +311,26 @@ class PeftModelForCausalLM(PeftModel):
         return self._forward_named(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
         )
+
+
+class PeftModelForCausalLM(_TaskModel):
+    """Decoder-only language models (`AutoModelForCausalLM`)."""
+
+
+class PeftModelForSequenceClassification(_TaskModel):
+    """Sequence classification: the `classifier` / `score` head is trained in full and saved."""
+
+    task_modules_to_save = CLASSIFIER_MODULE_NAMES
+
+
+class PeftModelForTokenClassification(_TaskModel):
+    """Token classification: the `classifier` / `score` head is trained in full and saved."""
+
+    task_modules_to_save = CLASSIFIER_MODULE_NAMES
+
+
+class PeftModelForFeatureExtraction(_TaskModel):
+    """Encoders used for embeddings (`AutoModel`)."""
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -339,34 +359,6 @@ class PeftModelForSeq2SeqLM(PeftModel):
         )
 
 
-class _EncoderTaskModel(PeftModel):
-    """Encoder tasks share one signature: ids, masks, embeddings, labels."""
-
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
-        return self._forward_named(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
-        )
-
-
-class PeftModelForSequenceClassification(_EncoderTaskModel):
-    """Sequence classification: the `classifier` / `score` head is trained in full and saved."""
-
-    task_modules_to_save = CLASSIFIER_MODULE_NAMES
-
-
-class PeftModelForTokenClassification(_EncoderTaskModel):
-    """Token classification: the `classifier` / `score` head is trained in full and saved."""
-
-    task_modules_to_save = CLASSIFIER_MODULE_NAMES
-
-
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive QA: the `qa_outputs` head is trained in full and saved."""
 
@@ -389,19 +381,6 @@ class PeftModelForQuestionAnswering(PeftModel):
             end_positions=end_positions,
             **kwargs,
         )
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """Encoders used for embeddings (`AutoModel`)."""
-
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
-        return self._forward_named(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {

@@ -1,0 +1,90 @@
+"""`AutoPeftModelFor...`: load base model and adapter from the adapter folder alone.
+
+The adapter's `base_model_name_or_path` names the base model; it is loaded with the matching
+transformers Auto class, then the adapter is loaded on top (`PeftModel.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Optional, Union
+
+import transformers
+
+from .config import PeftConfig
+from .errors import ConfigError
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
+
+
+class AutoPeftModel:
+    """Base of the auto classes; `auto_model_name` is the transformers Auto class to use."""
+
+    auto_model_name: ClassVar[str] = "AutoModel"
+    peft_model_cls: ClassVar[type[PeftModel]] = PeftModel
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[PeftConfig] = None,
+        revision: Optional[str] = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load `base_model_name_or_path` with the Auto class, then the adapter onto it."""
+        path = os.fspath(pretrained_model_name_or_path)
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        peft_config = config or PeftConfig.from_pretrained(path, **hub_kwargs)
+        base_name = peft_config.base_model_name_or_path
+        if not base_name:
+            raise ConfigError(
+                f"The adapter at {path!r} does not name its base model (base_model_name_or_path is empty); "
+                "load the base model yourself and use PeftModel.from_pretrained(model, adapter_path)."
+            )
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+        auto_cls = getattr(transformers, cls.auto_model_name)
+        base_model = auto_cls.from_pretrained(base_name, revision=peft_config.revision, **model_kwargs)
+        return cls.peft_model_cls.from_pretrained(
+            base_model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **hub_kwargs
+        )
+
+
+class AutoPeftModelForCausalLM(AutoPeftModel):
+    auto_model_name = "AutoModelForCausalLM"
+    peft_model_cls = PeftModelForCausalLM
+
+
+class AutoPeftModelForSeq2SeqLM(AutoPeftModel):
+    auto_model_name = "AutoModelForSeq2SeqLM"
+    peft_model_cls = PeftModelForSeq2SeqLM
+
+
+class AutoPeftModelForSequenceClassification(AutoPeftModel):
+    auto_model_name = "AutoModelForSequenceClassification"
+    peft_model_cls = PeftModelForSequenceClassification
+
+
+class AutoPeftModelForTokenClassification(AutoPeftModel):
+    auto_model_name = "AutoModelForTokenClassification"
+    peft_model_cls = PeftModelForTokenClassification
+
+
+class AutoPeftModelForQuestionAnswering(AutoPeftModel):
+    auto_model_name = "AutoModelForQuestionAnswering"
+    peft_model_cls = PeftModelForQuestionAnswering
+
+
+class AutoPeftModelForFeatureExtraction(AutoPeftModel):
+    auto_model_name = "AutoModel"
+    peft_model_cls = PeftModelForFeatureExtraction
