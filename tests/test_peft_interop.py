@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -24,24 +23,14 @@ peft = pytest.importorskip("peft")
 import peftkit  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
-warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
+# peft's own notices (fan_in_fan_out flipped for Conv1D, embedding layers saved, ...).
+pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning:peft\..*")
 
 LIBS = {"peft": peft, "peftkit": peftkit}
 DIRECTIONS = [("peft", "peftkit"), ("peftkit", "peft")]
 DIRECTION_IDS = ["peft->peftkit", "peftkit->peft"]
 MODEL_NAMES = ["llama", "gpt2", "bert", "t5"]
 ATOL = 1e-5
-
-BUG_EMBEDDING_BASE_LAYER = (
-    "peftkit bug: with `embed_tokens` or `lm_head` in target_modules, peft saves the full layer "
-    "(`<layer>.base_layer.weight`, save_embedding_layers='auto'); peftkit neither writes it nor "
-    "accepts it on load (strict loading raises CheckpointError: not in the model)"
-)
-BUG_FAN_IN_FAN_OUT = (
-    "peftkit bug: for GPT-2 Conv1D targets peft flips fan_in_fan_out to True in the saved "
-    "adapter_config.json; peftkit corrects it per layer but writes fan_in_fan_out: false"
-)
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -245,13 +234,8 @@ PARITY_CASES = {
 }
 
 
-def _cases(cases: dict, xfails: dict) -> list:
-    return [
-        pytest.param(name, id=name, marks=pytest.mark.xfail(reason=xfails[name], strict=True))
-        if name in xfails
-        else pytest.param(name, id=name)
-        for name in cases
-    ]
+def _cases(cases: dict) -> list:
+    return [pytest.param(name, id=name) for name in cases]
 
 
 def _saved_pair(model_name, overrides, tmp_path):
@@ -265,7 +249,7 @@ def _saved_pair(model_name, overrides, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    _cases(PARITY_CASES, {"llama-embedding": BUG_EMBEDDING_BASE_LAYER, "llama-lm-head": BUG_EMBEDDING_BASE_LAYER}),
+    _cases(PARITY_CASES),
 )
 def test_checkpoint_key_and_shape_parity(case, tmp_path):
     model_name, overrides = PARITY_CASES[case]
@@ -288,7 +272,7 @@ def _normalised(config: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    "case", _cases(PARITY_CASES, {"gpt2": BUG_FAN_IN_FAN_OUT, "gpt2-bias-all": BUG_FAN_IN_FAN_OUT})
+    "case", _cases(PARITY_CASES)
 )
 def test_adapter_config_parity(case, tmp_path):
     model_name, overrides = PARITY_CASES[case]
@@ -339,10 +323,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize(("src_name", "dst_name"), DIRECTIONS, ids=DIRECTION_IDS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_roundtrip(variant, src_name, dst_name, tmp_path, request):
+def test_variant_roundtrip(variant, src_name, dst_name, tmp_path):
     model_name, overrides, save_kwargs = VARIANTS[variant]
-    if variant in ("llama-embedding", "llama-lm-head") and dst_name == "peftkit":
-        request.applymarker(pytest.mark.xfail(reason=BUG_EMBEDDING_BASE_LAYER, strict=True))
     roundtrip(src_name, dst_name, model_name, base_config(model_name, **overrides), tmp_path, save_kwargs)
     if save_kwargs.get("safe_serialization") is False:
         assert os.listdir(tmp_path).count("adapter_model.bin") == 1
@@ -386,10 +368,10 @@ def test_inject_adapter_in_model_state_dict_parity(model_name):
         assert_close(output(dst_model, inputs), outputs[src_name][1])
 
 
-@pytest.mark.parametrize(("src_name", "dst_name"), DIRECTIONS, ids=DIRECTION_IDS)
-def test_load_trainable_counts_match(src_name, dst_name, tmp_path):
-    """`from_pretrained(..., is_trainable=True)` of the other library's file trains the same tensors."""
-    src = wrap(src_name, "bert", base_config("bert"))
+@pytest.mark.parametrize("writer", list(LIBS))
+def test_load_trainable_counts_match(writer, tmp_path):
+    """`from_pretrained(..., is_trainable=True)` of one file trains the same tensors in both libraries."""
+    src = wrap(writer, "bert", base_config("bert"))
     src.save_pretrained(str(tmp_path))
     counts = {}
     for lib_name, lib in LIBS.items():
@@ -471,7 +453,7 @@ MERGE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", _cases(MERGE_CASES, {"llama-embedding": BUG_EMBEDDING_BASE_LAYER}))
+@pytest.mark.parametrize("case", _cases(MERGE_CASES))
 def test_merge_and_unload_parity(case, tmp_path):
     model_name, overrides = MERGE_CASES[case]
     src = wrap("peft", model_name, base_config(model_name, **overrides))

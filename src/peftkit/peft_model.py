@@ -197,7 +197,9 @@ class PeftModel(nn.Module):
         self.base_model._check_adapter_exists(names)
         for name in names:
             validate_adapter_name(name)
-            state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name)
+            state = get_peft_model_state_dict(
+                self, state_dict=kwargs.get("state_dict"), adapter_name=name, save_embedding_layers=save_embedding_layers
+            )
             if not is_main_process:
                 continue
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)

@@ -18,6 +18,7 @@ from ..errors import CheckpointError
 from ..tuners._core.layer import BaseTunerLayer
 from ..tuners._core.modules_to_save import ModulesToSaveWrapper
 from ..utils.constants import PEFT_MODEL_PREFIX
+from .embeddings import embedding_state_accepted, embedding_state_to_save
 
 
 class IncompatibleKeys(NamedTuple):
@@ -66,6 +67,11 @@ def get_peft_model_state_dict(
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     live = adapter_tensor_map(model, adapter_name)
+    tuner, tree, prefix = _tuner_of(model)
+    config = (getattr(tuner, "peft_config", None) or getattr(tree, "peft_config", {})).get(adapter_name)
+    if config is not None:
+        extra = embedding_state_to_save(tree, config, save_embedding_layers)
+        live.update({prefix + key: tensor for key, tensor in extra.items()})
     if state_dict is None:
         return {key: tensor.detach() for key, tensor in live.items()}
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
@@ -101,6 +107,10 @@ def set_peft_model_state_dict(
     tolerated = tuner.tolerated_checkpoint_keys(adapter_name) if tuner is not None else ()
     unexpected = sorted(k for k in incoming if k not in target and not any(re.match(p, k) for p in tolerated))
     missing = sorted(k for k in target if k not in incoming)
+    # Full embedding matrices (peft's save_embedding_layers) are loaded when present, never required.
+    optional = {prefix + key: tensor for key, tensor in embedding_state_accepted(_tuner_of(model)[1]).items()}
+    unexpected = [key for key in unexpected if key not in optional]
+    target = {**target, **{key: tensor for key, tensor in optional.items() if key in incoming}}
     if strict and (missing or unexpected):
         raise CheckpointError(_describe_key_mismatch(missing, unexpected))
     _check_shapes(target, incoming, ignore_mismatched_sizes)

@@ -50,6 +50,9 @@ class LoraModel(BaseTuner):
         new_module = create_lora_module(
             target, adapter_name, key=current_key, fan_in_fan_out=config.fan_in_fan_out, **kwargs
         )
+        if getattr(new_module, "fan_in_fan_out", False):
+            # As peft: the adapter's (private copy of the) config records that its targets are (in, out).
+            config.fan_in_fan_out = True
         replace_module(parent, target_name, new_module)
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
