@@ -52,17 +52,13 @@ def check_merge_unmerge_restores_weights(make_model: Callable, config) -> None:
     changed = [k for k, v in model.unload().state_dict().items() if k in base_state and not torch.allclose(v, base_state[k], atol=1e-6)]
     assert not changed, f"unload() must unmerge first; changed: {changed[:3]}"
     model = get_peft_model(make_model(), config)
-    merged = model.base_model.model
+    originals = {name: layer.get_base_layer().weight.detach().clone() for name, layer in model.base_model.tuner_layers()}
     model.merge_adapter()
-    assert any(not torch.equal(v, base_state[k]) for k, v in _base_weights(merged).items()), "merge changed nothing"
+    merged = {name: layer.get_base_layer().weight for name, layer in model.base_model.tuner_layers()}
+    assert any(not torch.equal(merged[name], originals[name]) for name in originals), "merge changed nothing"
     model.unmerge_adapter()
-    for key, value in _base_weights(merged).items():
-        assert torch.allclose(value, base_state[key], atol=1e-6), key
-
-
-def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Base-model weights under their original names (`...q_proj.base_layer.weight` -> `...q_proj.weight`)."""
-    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k and "modules_to_save" not in k and "original_module" not in k}
+    for name, layer in model.base_model.tuner_layers():
+        assert torch.allclose(layer.get_base_layer().weight, originals[name], atol=1e-6), name
 
 
 def check_disable_gives_base(make_model: Callable, inputs: dict, config) -> None:
@@ -98,11 +94,21 @@ def check_only_adapter_params_train(make_model: Callable, inputs: dict, config) 
     changed = {name for name, param in model.named_parameters() if not torch.equal(param, before[name])}
     assert changed, "an optimizer step changed nothing"
     assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
-    assert all(_is_adapter_param(name) for name in changed), sorted(changed)[:5]
+    allowed = _adapter_param_ids(model)
+    params = dict(model.named_parameters())
+    assert all(id(params[name]) in allowed for name in changed), sorted(n for n in changed if id(params[n]) not in allowed)[:5]
 
 
-def _is_adapter_param(name: str) -> bool:
-    return any(tag in name for tag in ("lora_", "modules_to_save", "bias"))
+def _adapter_param_ids(model: PeftModel) -> set[int]:
+    """Parameters an adapter may train: adapter tensors, modules_to_save copies, opted-in biases."""
+    from peftkit.tuners._core import ModulesToSaveWrapper
+
+    allowed = {id(p) for _, layer in model.base_model.tuner_layers() for p in layer.adapter_params()}
+    for _, module in model.base_model.adapter_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            allowed |= {id(p) for p in module.modules_to_save.parameters()}
+    allowed |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    return allowed
 
 
 def check_adapters_switch(make_model: Callable, inputs: dict, config_a, config_b) -> None:
