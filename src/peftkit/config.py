@@ -52,6 +52,14 @@ class PeftConfig:
             self.task_type = _as_enum(TaskType, self.task_type, "task_type")
         if self.peft_version is None:
             self.peft_version = PEFT_FORMAT_VERSION
+        for name in ("peft_version", "base_model_name_or_path", "revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name}={value!r} is invalid; it must be a string or null.")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise ConfigError(f"auto_mapping={self.auto_mapping!r} is invalid; it must be an object or null.")
+        if not isinstance(self.inference_mode, bool):
+            raise ConfigError(f"inference_mode={self.inference_mode!r} is invalid; it must be true or false.")
         for name, default in self.unsupported_fields.items():
             if getattr(self, name) not in (default, None, {}, False):
                 raise ConfigError(

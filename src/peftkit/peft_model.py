@@ -9,6 +9,7 @@ Task wrappers differ only in the heads they train in full and in their forward s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +18,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint.io import atomic_save_weights, load_adapter_weights
+from .checkpoint.io import commit_files, load_adapter_weights, text_writer, weights_writer
 from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig
 from .errors import AdapterNameError, CheckpointError, ConfigError
 from .registry import method_spec
 from .utils.adapter_names import validate_adapter_name
-from .utils.constants import CLASSIFIER_MODULE_NAMES, QA_MODULE_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.constants import CLASSIFIER_MODULE_NAMES, CONFIG_NAME, QA_MODULE_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.peft_types import TaskType
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
@@ -203,21 +204,27 @@ class PeftModel(nn.Module):
             if not is_main_process:
                 continue
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(out_dir, exist_ok=True)
             weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
-            atomic_save_weights(state, os.path.join(out_dir, weights_name), safe_serialization)
-            self._config_to_save(name).save_pretrained(out_dir, auto_mapping_dict=self._auto_mapping(name))
+            commit_files(
+                out_dir,
+                {
+                    weights_name: weights_writer(state, safe_serialization),
+                    CONFIG_NAME: text_writer(self._config_json(name)),
+                },
+            )
 
     def _config_to_save(self, adapter_name: str) -> PeftConfig:
         config = self.peft_config[adapter_name]
         base_name = config.base_model_name_or_path or _name_or_path(self.get_base_model())
         return dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name)
 
-    def _auto_mapping(self, adapter_name: str) -> Optional[dict[str, str]]:
-        if self.peft_config[adapter_name].task_type is not None:
-            return None
-        base = self.get_base_model()
-        return {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+    def _config_json(self, adapter_name: str) -> str:
+        """The adapter's `adapter_config.json` text; peft adds `auto_mapping` when there is no task type."""
+        output = self._config_to_save(adapter_name).to_dict()
+        if output.get("task_type") is None:
+            base = self.get_base_model()
+            output["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+        return json.dumps(output, indent=2, sort_keys=True)
 
     # ------------------------------------------------------------------ loading
     @classmethod

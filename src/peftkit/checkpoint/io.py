@@ -7,6 +7,7 @@ into place, so a crash never leaves a half-written file.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -29,6 +30,10 @@ def resolve_adapter_file(
     model_id = os.fspath(model_id)
     local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local_dir):
+        try:
+            recover_interrupted_save(local_dir)
+        except OSError:  # a read-only folder: read what is there
+            pass
         path = os.path.join(local_dir, filename)
         if not os.path.isfile(path):
             raise CheckpointError(f"No {filename} in {local_dir!r}; is this an adapter folder written by save_pretrained?")
@@ -86,6 +91,8 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         write(tmp_path)
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
@@ -95,21 +102,25 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename."""
-
-    def write(tmp_path: str) -> None:
-        with open(tmp_path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    _atomic_write(path, write)
+    _atomic_write(path, text_writer(text))
 
 
-def atomic_save_weights(tensors: Mapping[str, torch.Tensor], path: str, safe_serialization: bool = True) -> None:
-    """Save tensors (safetensors with `{"format": "pt"}`, or torch .bin) via a temporary file."""
+def weights_writer(tensors: Mapping[str, torch.Tensor], safe_serialization: bool = True) -> Callable[[str], None]:
+    """A function writing the tensors to a path: safetensors with `{"format": "pt"}`, or torch .bin."""
     plain = _unshare(tensors)
     if safe_serialization:
-        _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
-    else:
-        _atomic_write(path, lambda tmp: torch.save(plain, tmp))
+        return lambda path: save_file(plain, path, metadata={"format": "pt"})
+    return lambda path: torch.save(plain, path)
+
+
+def text_writer(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return write
 
 
 def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,3 +135,51 @@ def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(pointer)
         out[key] = tensor
     return out
+
+
+# ---------------------------------------------------------------------- whole-adapter commits
+_JOURNAL = ".peftkit-commit.json"
+_PENDING_SUFFIX = ".peftkit-pending"
+
+
+def commit_files(directory: str, writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Write several files so that the folder shows either all old or all new versions.
+
+    Each file is first written completely to `<name>.peftkit-pending`; then a journal naming them
+    is written atomically (the commit point); then each pending file is renamed into place and the
+    journal removed. A crash before the commit point leaves the old files (pending ones are swept
+    on the next access); a crash after it is rolled forward by `recover_interrupted_save`.
+    """
+    os.makedirs(directory, exist_ok=True)
+    recover_interrupted_save(directory)
+    for name, write in writers.items():
+        _atomic_write(os.path.join(directory, name + _PENDING_SUFFIX), write)
+    atomic_write_text(os.path.join(directory, _JOURNAL), json.dumps(sorted(writers)))
+    _roll_forward(directory, sorted(writers))
+
+
+def recover_interrupted_save(directory: str) -> None:
+    """Finish a committed save (journal present) or drop the leftovers of an uncommitted one."""
+    if not os.path.isdir(directory):
+        return
+    journal = os.path.join(directory, _JOURNAL)
+    if os.path.isfile(journal):
+        try:
+            with open(journal, encoding="utf-8") as handle:
+                names = json.load(handle)
+        except (OSError, ValueError):
+            names = []
+        _roll_forward(directory, [n for n in names if isinstance(n, str) and os.sep not in n and "/" not in n])
+    for entry in os.listdir(directory):
+        if entry.endswith(_PENDING_SUFFIX) or entry.startswith(".tmp-"):
+            os.remove(os.path.join(directory, entry))
+
+
+def _roll_forward(directory: str, names: list[str]) -> None:
+    for name in names:
+        pending = os.path.join(directory, name + _PENDING_SUFFIX)
+        if os.path.exists(pending):
+            os.replace(pending, os.path.join(directory, name))
+    journal = os.path.join(directory, _JOURNAL)
+    if os.path.exists(journal):
+        os.remove(journal)

@@ -7,7 +7,17 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from ...config import PeftConfig
 from ...errors import ConfigError
-from ...utils.validation import as_name_set, check_dropout, check_layer_selection, check_positive_number, check_rank
+from ...utils.validation import (
+    as_name_set,
+    check_bool,
+    check_dropout,
+    check_layer_indices,
+    check_layer_selection,
+    check_optional_name_list,
+    check_pattern_dict,
+    check_positive_number,
+    check_rank,
+)
 from ...utils.peft_types import PeftType
 
 _INIT_CHOICES = (True, False, "gaussian")
@@ -99,12 +109,18 @@ class LoraConfig(PeftConfig):
         self.peft_type = PeftType.LORA
         self.target_modules = as_name_set(self.target_modules)
         self.exclude_modules = as_name_set(self.exclude_modules)
+        self.modules_to_save = check_optional_name_list(self.modules_to_save, "modules_to_save")
+        self.rank_pattern = check_pattern_dict(self.rank_pattern, "rank_pattern")
+        self.alpha_pattern = check_pattern_dict(self.alpha_pattern, "alpha_pattern")
+        for flag in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+            check_bool(getattr(self, flag), flag)
+        check_layer_indices(self.layers_to_transform)
         check_rank(self.r, "r")
         check_positive_number(self.lora_alpha, "lora_alpha")
         check_dropout(self.lora_dropout, 'lora_dropout')
-        for key, rank in (self.rank_pattern or {}).items():
+        for key, rank in self.rank_pattern.items():
             check_rank(rank, f"rank_pattern[{key!r}]")
-        for key, alpha in (self.alpha_pattern or {}).items():
+        for key, alpha in self.alpha_pattern.items():
             check_positive_number(alpha, f"alpha_pattern[{key!r}]")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} is not valid; use 'none', 'all' or 'lora_only'.")
@@ -113,6 +129,4 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'."
             )
         check_layer_selection(self)
-        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
 
