@@ -123,7 +123,8 @@ def train(
     for epoch in range(epochs):
         model.train()
         losses = []
-        bar = tqdm(batches(rows, tokenizer, shuffle_seed=seed + epoch), total=n_batches, desc=f"epoch {epoch + 1}/{epochs}")
+        epoch_batches = batches(rows, tokenizer, shuffle_seed=seed + epoch)
+        bar = tqdm(epoch_batches, total=n_batches, desc=f"epoch {epoch + 1}/{epochs}")
         for batch in bar:
             loss = model(**batch).loss
             loss.backward()
@@ -146,7 +147,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Command-line options of the demo."""
     parser = argparse.ArgumentParser(prog="python -m peftkit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--out", default="out/demo-adapter", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling")
     return parser.parse_args(argv)

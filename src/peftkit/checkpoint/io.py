@@ -84,6 +84,12 @@ def read_weights_file(path: str, device: str = "cpu") -> dict[str, torch.Tensor]
     return state
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -93,6 +99,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp_path)
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual umask mode
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from torch import nn
+
 from ..errors import AdapterNameError
 
 #: Reserved for "no adapter" in mixed-adapter batches.
@@ -22,6 +24,10 @@ def validate_adapter_name(name: object) -> str:
         raise AdapterNameError(f"Adapter name {name!r} is empty or not a string; use e.g. 'default'.")
     if name == BASE_ADAPTER_NAME:
         raise AdapterNameError(f"Adapter name {name!r} is reserved for 'no adapter'; pick another name.")
+    if hasattr(nn.Module, name) or hasattr(nn.ModuleDict, name):
+        raise AdapterNameError(
+            f"Adapter name {name!r} clashes with a torch.nn.Module attribute; pick another name, e.g. {name + '_adapter'!r}."
+        )
     if not _SAFE_NAME.match(name):
         raise AdapterNameError(
             f"Adapter name {name!r} is unsafe (only letters, digits, '_' and '-' are allowed, "

@@ -17,6 +17,7 @@ from .._core.modules_to_save import ModulesToSaveWrapper
 from .._core.tuner import BaseTuner
 from .config import LoraConfig
 from .layer import LoraLayer, create_lora_module
+from .weighted import add_weighted_adapter
 
 
 class LoraModel(BaseTuner):
@@ -93,6 +94,15 @@ class LoraModel(BaseTuner):
         if self.peft_config[adapter_name].bias == "all":
             return (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
         return ()
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+        """Add `adapter_name`, a weighted combination of `adapters` (see `weighted.add_weighted_adapter`).
+
+        kwargs: combination_type ("svd" default, "linear", "cat", "ties", "dare_linear", "dare_ties",
+        "magnitude_prune" and their "_svd" forms), svd_rank, svd_clamp, svd_full_matrices, svd_driver,
+        density, majority_sign_method ("total" | "frequency").
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
 
 register_method(PeftType.LORA, LoraConfig, LoraModel, prefix="lora_")
