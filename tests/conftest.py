@@ -14,6 +14,9 @@ warnings.filterwarnings("ignore", message=".*token_id must be.*")
 
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
+# Tiny models: one thread per test process is fastest (CI runs two processes with pytest-xdist).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

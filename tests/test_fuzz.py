@@ -6,6 +6,7 @@ Documented outcomes: a valid object, or a `PeftkitError` subclass (`ConfigError`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from peftkit import LoraConfig, PeftConfig, PeftkitError, PeftModel, get_peft_model
+from peftkit.registry import registered_methods
 from tests.tiny_models import llama
 
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
@@ -50,6 +52,19 @@ def test_one_bad_field(key, value):
     data = LoraConfig(r=4).to_dict()
     data[key] = value
     _accepts_or_raises_ours(lambda: PeftConfig.from_dict(data))
+
+
+METHODS = sorted(registered_methods(), key=lambda spec: spec.peft_type)
+
+
+@FUZZ
+@given(st.sampled_from(METHODS), st.data())
+def test_one_bad_field_in_every_method(spec, data):
+    """Each registered method's config: one field replaced by random JSON."""
+    fields = [f.name for f in dataclasses.fields(spec.config_cls)]
+    payload = {"peft_type": spec.peft_type, "total_step": 100}  # total_step: AdaLoRA requires it
+    payload[data.draw(st.sampled_from(fields))] = data.draw(json_values)
+    _accepts_or_raises_ours(lambda: PeftConfig.from_dict(payload))
 
 
 @FUZZ

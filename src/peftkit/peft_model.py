@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Optional, Union
 
 import torch
@@ -165,14 +165,27 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        with self._mixed_batch(kwargs):
+            return self.base_model(*args, **kwargs)
 
     def _forward_named(self, **kwargs: Any) -> Any:
         """Call the base model with the named arguments that were given (None ones dropped)."""
-        return self.base_model(**{k: v for k, v in kwargs.items() if v is not None})
+        with self._mixed_batch(kwargs):
+            return self.base_model(**{k: v for k, v in kwargs.items() if v is not None})
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+        """`generate` of the base model; `adapter_names=[...]` picks an adapter per row."""
+        with self._mixed_batch(kwargs):
+            return self.base_model.generate(*args, **kwargs)  # prompt learning adds its virtual tokens
+
+    def _mixed_batch(self, kwargs: dict[str, Any]) -> AbstractContextManager:
+        """Pop `adapter_names` from `kwargs`: a per-row adapter choice for this call (LoRA)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return nullcontext()
+        if not hasattr(self.base_model, "mixed_batch"):
+            raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported for {self.peft_type} adapters.")
+        return self.base_model.mixed_batch(adapter_names)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
@@ -192,8 +205,6 @@ class PeftModel(nn.Module):
         """
         if os.path.isfile(save_directory):
             raise CheckpointError(f"save_directory {save_directory!r} is a file; pass a directory path.")
-        if path_initial_model_for_weight_conversion is not None:
-            raise ConfigError("path_initial_model_for_weight_conversion is not supported yet (PiSSA/OLoRA conversion).")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self.base_model._check_adapter_exists(names)
         for name in names:
@@ -203,13 +214,21 @@ class PeftModel(nn.Module):
             )
             if not is_main_process:
                 continue
+            config_json = self._config_json(name)
+            if path_initial_model_for_weight_conversion is not None:
+                # PiSSA/OLoRA -> plain LoRA on the original base (LoRA only, hence imported here).
+                from .tuners.lora.conversion import convert_mutated_init_to_lora
+
+                state, config_json = convert_mutated_init_to_lora(
+                    self, name, state, path_initial_model_for_weight_conversion
+                )
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
             commit_files(
                 out_dir,
                 {
                     weights_name: weights_writer(state, safe_serialization),
-                    CONFIG_NAME: text_writer(self._config_json(name)),
+                    CONFIG_NAME: text_writer(config_json),
                 },
             )
 
@@ -277,6 +296,8 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"An adapter named {adapter_name!r} is loaded already; pick another name.")
         config = PeftConfig.from_pretrained(os.fspath(model_id), **hub_kwargs)
+        if config.is_prompt_learning and is_trainable:
+            raise ConfigError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config)
         try:

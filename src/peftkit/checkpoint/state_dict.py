@@ -40,6 +40,14 @@ def _tuner_of(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module, str]:
     return None, model, ""
 
 
+def _prompt_learning_tuner(model: nn.Module, adapter_name: str) -> Optional[nn.Module]:
+    """The prompt-learning tuner holding `adapter_name`, or None (then keys map structurally)."""
+    tuner, _, _ = _tuner_of(model)
+    if getattr(tuner, "is_prompt_learning", False) and adapter_name in tuner.peft_config:
+        return tuner
+    return None
+
+
 def adapter_tensor_map(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Checkpoint key -> live tensor for every tensor of `adapter_name` (the prefix included)."""
     tuner, tree, prefix = _tuner_of(model)
@@ -66,6 +74,9 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    prompt_tuner = _prompt_learning_tuner(model, adapter_name)
+    if prompt_tuner is not None:  # one `prompt_embeddings` tensor (+ heads), see tuners/_prompt
+        return prompt_tuner.prompt_learning_state_dict(adapter_name)
     live = adapter_tensor_map(model, adapter_name)
     tuner, tree, prefix = _tuner_of(model)
     config = (getattr(tuner, "peft_config", None) or getattr(tree, "peft_config", {})).get(adapter_name)
@@ -73,9 +84,13 @@ def get_peft_model_state_dict(
         extra = embedding_state_to_save(tree, config, save_embedding_layers)
         live.update({prefix + key: tensor for key, tensor in extra.items()})
     if state_dict is None:
-        return {key: tensor.detach() for key, tensor in live.items()}
-    names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
-    return {key: state_dict[names[id(tensor)]] for key, tensor in live.items() if names.get(id(tensor)) in state_dict}
+        result = {key: tensor.detach() for key, tensor in live.items()}
+    else:
+        names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+        result = {key: state_dict[names[id(t)]] for key, t in live.items() if names.get(id(t)) in state_dict}
+    if tuner is not None and adapter_name in tuner.peft_config:
+        result = tuner.state_for_save(adapter_name, result, prefix)
+    return result
 
 
 def _strip_prefix(keys: Mapping[str, torch.Tensor], expected_prefix: str) -> dict[str, torch.Tensor]:
@@ -101,6 +116,14 @@ def set_peft_model_state_dict(
     with `ignore_mismatched_sizes`). With `strict`, missing or unexpected keys raise too;
     otherwise they are returned, like `nn.Module.load_state_dict(strict=False)`.
     """
+    prompt_tuner = _prompt_learning_tuner(model, adapter_name)
+    if prompt_tuner is not None:
+        missing, unexpected = prompt_tuner.load_prompt_learning_state_dict(
+            dict(peft_model_state_dict), adapter_name, ignore_mismatched_sizes
+        )
+        if strict and (missing or unexpected):
+            raise CheckpointError(_describe_key_mismatch(missing, unexpected))
+        return IncompatibleKeys(missing, unexpected)
     tuner, _, prefix = _tuner_of(model)
     target = adapter_tensor_map(model, adapter_name)
     incoming = _strip_prefix(peft_model_state_dict, prefix)

@@ -7,7 +7,7 @@ copy; checkpoints hold the copy under the original module's keys (`classifier.we
 from __future__ import annotations
 
 import copy
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter = [adapter_name]
         self._disable_adapters = False
+        # Set for the duration of a mixed-adapter forward: one adapter name per batch row.
+        self.batch_adapter_names: Optional[list[str]] = None
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:
@@ -53,7 +55,22 @@ class ModulesToSaveWrapper(nn.Module):
         return self._active_module().weight
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.batch_adapter_names is not None and not self._disable_adapters:
+            return self._mixed_forward(args[0], *args[1:], **kwargs)
         return self._active_module()(*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Rows of a mixed-adapter batch each go through their adapter's copy (or the original)."""
+        repeat = x.shape[0] // len(self.batch_adapter_names)
+        names = [name for name in self.batch_adapter_names for _ in range(repeat)]
+        output = None
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            part = module(x.index_select(0, rows), *args, **kwargs)
+            output = part.new_zeros((x.shape[0],) + part.shape[1:]) if output is None else output
+            output = output.index_copy(0, rows, part)
+        return output
 
     def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
         """Activate the copy of the (single) named adapter; only it trains."""

@@ -80,6 +80,13 @@ class BaseTuner(nn.Module):
         """Hook: regexes of keys that peft writes but that carry nothing this model needs."""
         return ()
 
+    def state_for_save(self, adapter_name: str, state: dict[str, "torch.Tensor"], prefix: str) -> dict[str, "torch.Tensor"]:
+        """Hook: the tensors to save for `adapter_name` (keys start with `prefix`); e.g. AdaLoRA prunes ranks.
+
+        Return a new dict; the default saves `state` as it is.
+        """
+        return state
+
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -19,6 +20,7 @@ from ...utils.validation import (
     check_rank,
 )
 from ...utils.peft_types import PeftType
+from .init import is_valid_base_weight_init
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -39,7 +41,10 @@ class LoraConfig(PeftConfig):
         use_rslora: Rank-stabilised scaling `lora_alpha / sqrt(r)`.
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier).
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
-            or False (random A and B; the adapter is not a no-op -- for tests).
+            False (random A and B; the adapter is not a no-op -- for tests), or "pissa" /
+            "pissa_niter_<N>" / "olora", which take A and B from the base weight and MODIFY the base
+            weight in place (W becomes W - scaling B A; see `init.py` and the README).
+        use_dora: Weight-decomposed LoRA: a trained magnitude per output channel (see `dora.py`).
         layers_to_transform / layers_pattern: Restrict wrapping to these block indices.
         rank_pattern / alpha_pattern: Per-module rank / alpha, keyed by a regex of the module path.
     """
@@ -88,7 +93,6 @@ class LoraConfig(PeftConfig):
         "eva_config": None,
         "corda_config": None,
         "lora_ga_config": None,
-        "use_dora": False,
         "velora_config": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
@@ -112,7 +116,7 @@ class LoraConfig(PeftConfig):
         self.modules_to_save = check_optional_name_list(self.modules_to_save, "modules_to_save")
         self.rank_pattern = check_pattern_dict(self.rank_pattern, "rank_pattern")
         self.alpha_pattern = check_pattern_dict(self.alpha_pattern, "alpha_pattern")
-        for flag in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode"):
             check_bool(getattr(self, flag), flag)
         check_layer_indices(self.layers_to_transform)
         check_rank(self.r, "r")
@@ -124,9 +128,16 @@ class LoraConfig(PeftConfig):
             check_positive_number(alpha, f"alpha_pattern[{key!r}]")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} is not valid; use 'none', 'all' or 'lora_only'.")
-        if self.init_lora_weights not in _INIT_CHOICES:
+        if self.init_lora_weights not in _INIT_CHOICES and not is_valid_base_weight_init(self.init_lora_weights):
             raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'."
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
+                "'pissa', 'pissa_niter_<N>' or 'olora'."
+            )
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and is_valid_base_weight_init(self.init_lora_weights):
+            warnings.warn(
+                "With use_rslora and rank_pattern/alpha_pattern, a PiSSA/OLoRA adapter cannot be converted to plain "
+                "LoRA on save (path_initial_model_for_weight_conversion); drop one of them if you need that.",
+                stacklevel=3,
             )
         check_layer_selection(self)
 

@@ -15,22 +15,29 @@ r"""LoRA layers: a frozen base layer plus a low-rank update per adapter.
 Layers exist for `nn.Linear`, GPT-2's `Conv1D` (weight stored (in, out): `fan_in_fan_out`),
 `nn.Embedding` and `nn.Conv1d/2d/3d`. Each adapter lives in `lora_A[name]` / `lora_B[name]`
 (`lora_embedding_A/B[name]` for embeddings), the attribute layout peft and its ecosystem read.
+
+Variants change the per-adapter term, not the loop: an adapter with an entry in `lora_variant`
+(DoRA, `dora.py`) computes its own term and merge delta. PiSSA / OLoRA (`init.py`) only change
+how A, B -- and the base weight -- are initialised.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...errors import TargetModulesError
+from ...errors import AdapterStateError, ConfigError, TargetModulesError
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
+from .dora import DoraVariant
+from .mixed_batch import linear_delta, looped_delta
+from .init import init_from_base_weight, is_valid_base_weight_init
 
 InitChoice = Union[bool, str]
 
@@ -38,8 +45,10 @@ InitChoice = Union[bool, str]
 class LoraLayer(BaseTunerLayer):
     """What every LoRA layer shares: per-adapter rank, alpha, scaling, dropout and init."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "merge_factors")
+    #: Whether `lora_dropout` acts on this layer's input (not on the token ids of an embedding).
+    drops_input: ClassVar[bool] = True
 
     def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
@@ -53,6 +62,12 @@ class LoraLayer(BaseTunerLayer):
         self.lora_B = nn.ModuleDict({})
         self.lora_embedding_A = nn.ParameterDict({})
         self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA's m, one DoraMagnitude per adapter
+        self.lora_variant: dict[str, DoraVariant] = {}
+        # Per merged variant adapter, what unmerging needs again (DoRA: its factor m / ||W + dW||).
+        self.merge_factors: dict[str, torch.Tensor] = {}
+        # Set for one call by `LoraModel.mixed_batch`: the adapter of each batch row.
+        self.batch_adapter_names: Optional[list[str]] = None
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
@@ -65,8 +80,12 @@ class LoraLayer(BaseTunerLayer):
         lora_dropout: float = 0.0,
         init_lora_weights: InitChoice = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
-        """Add (or replace) adapter `adapter_name` on this layer."""
+        """Add (or replace) adapter `adapter_name` on this layer.
+
+        "pissa" / "pissa_niter_N" / "olora" inits also rewrite the base weight (see `init.py`).
+        """
         check_rank(r, "r")
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -74,9 +93,26 @@ class LoraLayer(BaseTunerLayer):
         # No dropout op at all when p == 0: it would cost a copy of x per step for nothing.
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create_adapter_weights(adapter_name, r)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if is_valid_base_weight_init(init_lora_weights):
+            self._init_from_base_weight(adapter_name, init_lora_weights)
+        else:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
+        self.lora_variant.pop(adapter_name, None)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        if use_dora:
+            # After the init above: DoRA's magnitude starts at the norm of the initialised weight.
+            self.lora_variant[adapter_name] = DoraVariant()
+            self.lora_variant[adapter_name].init(self, adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
+        """PiSSA / OLoRA: only Linear layers (and Conv1D) take A and B from their base weight."""
+        raise ConfigError(
+            f"init_lora_weights={init_lora_weights!r} works on Linear layers only, not on "
+            f"{type(self.get_base_layer()).__name__}; exclude this module via exclude_modules."
+        )
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitChoice) -> None:
         """A Kaiming-uniform (or N(0, 1/r) for "gaussian") and B zero, so delta_W starts at 0.
@@ -97,11 +133,36 @@ class LoraLayer(BaseTunerLayer):
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
 
-    def _lora_delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """scaling * B(A(dropout(x))) for module-form adapters (Linear, Conv)."""
+    def adapter_state(self, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
+        """As the base class, but DoRA's magnitude is saved as `<prefix>.lora_magnitude_vector` (peft's key)."""
+        state = super().adapter_state(adapter_name, prefix)
+        dora_key = f"{prefix}.lora_magnitude_vector.weight"
+        if dora_key in state:
+            state[dora_key.removesuffix(".weight")] = state.pop(dora_key)
+        return state
+
+    def out_in_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (or a delta) seen as (out, in, ...); its own inverse. Layers stored otherwise override."""
+        return weight
+
+    def dora_channel_shape(self) -> tuple[int, ...]:
+        """Shape of DoRA's magnitude: one entry per output channel, broadcastable against the output."""
+        return (self.out_features,)
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """W x: the base layer's output without its bias (DoRA rescales only this part)."""
+        raise NotImplementedError
+
+    def low_rank_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """scaling * B(A(x)) for module-form adapters (Linear, Conv); no dropout."""
         lora_a = self.lora_A[adapter_name]
-        x = x.to(lora_a.weight.dtype)
-        return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
+        return self.lora_B[adapter_name](lora_a(x.to(lora_a.weight.dtype))) * self.scaling[adapter_name]
+
+    def _lora_delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """scaling * B(A(dropout(x))): a plain LoRA adapter's term."""
+        if self.drops_input:
+            x = self.lora_dropout[adapter_name](x)
+        return self.low_rank_output(x, adapter_name)
 
     def _active_here(self) -> list[str]:
         return [name for name in self._active_adapter if name in self.r]
@@ -115,13 +176,65 @@ class LoraLayer(BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        base_output = result
         result_dtype = result.dtype
+        if self.batch_adapter_names is not None:
+            return (result + self._mixed_batch_delta(x)).to(result_dtype)
         for adapter_name in self._active_here():
-            result = result + self._adapter_output(x, adapter_name)
+            result = result + self._adapter_output(x, adapter_name, base_output)
         return result.to(result_dtype)
 
-    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def _adapter_output(
+        self, x: torch.Tensor, adapter_name: str, base_output: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """What `adapter_name` adds to the base output `base_output` (= base_layer(x); DoRA reuses it)."""
+        variant = self.lora_variant.get(adapter_name)
+        if variant is not None:
+            return variant.adapter_output(self, x, adapter_name, base_output)
         return self._lora_delta_output(x, adapter_name)
+
+    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter update (see `mixed_batch.py`); Linear overrides with a batched form."""
+        return looped_delta(self, x, self.batch_adapter_names, self._lora_delta_output)
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W <- W + delta per adapter: `scaling * B A`, or DoRA's rescaled form (see `dora.py`).
+
+        With `safe_merge`, the sum is checked for NaN/inf before the weight is touched.
+        """
+        weight = self.get_base_layer().weight
+        for name in self._adapters_to_merge(adapter_names):
+            variant = self.lora_variant.get(name)
+            with torch.no_grad():
+                factor = variant.merge_factor(self, name) if variant is not None else None
+                delta = self._merge_delta(name, factor).to(weight.dtype)
+                if safe_merge and not torch.isfinite(weight + delta).all():
+                    raise AdapterStateError(
+                        f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
+                    )
+                weight.add_(delta)  # on the parameter itself (not .data), so its version counter moves
+            self.merged_adapters.append(name)
+            if factor is not None:
+                self.merge_factors[name] = factor
+
+    def unmerge(self) -> None:
+        """Subtract every merged delta again, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            with torch.no_grad():
+                weight.sub_(self._merge_delta(name, self.merge_factors.get(name)).to(weight.dtype))
+            self.merged_adapters.pop()
+            self.merge_factors.pop(name, None)
+
+    def _merge_delta(self, adapter_name: str, factor: Optional[torch.Tensor]) -> torch.Tensor:
+        if factor is None:
+            return self.get_delta_weight(adapter_name)
+        return self.lora_variant[adapter_name].merged_delta(self, adapter_name, factor)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -145,6 +258,19 @@ class Linear(LoraLayer, nn.Module):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
 
+    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_delta(self, x, self.batch_adapter_names)
+
+    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
+        init_from_base_weight(self, adapter_name, init_lora_weights)
+
+    def out_in_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.out_in_layout(self.get_base_layer().weight)
+        return F.linear(x.to(weight.dtype), weight)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta_W = scaling * B A, transposed for (in, out)-stored bases."""
         delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
@@ -153,6 +279,8 @@ class Linear(LoraLayer, nn.Module):
 
 class Embedding(LoraLayer, nn.Module):
     """LoRA on `nn.Embedding`: the update is a low-rank table `(B A)^T` looked up by token id."""
+
+    drops_input = False
 
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, **lora_kwargs: Any):
         super().__init__()
@@ -164,6 +292,16 @@ class Embedding(LoraLayer, nn.Module):
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
 
+    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
+        # As peft: embeddings keep the standard init (A zero, B normal) and the base stays as it is.
+        self.reset_lora_parameters(adapter_name, True)
+
+    def out_in_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T  # the table is (num_embeddings, dim): "out" is the embedding dimension
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
     def _active_here(self) -> list[str]:
         return [name for name in self._active_adapter if name in self.lora_embedding_A]
 
@@ -171,7 +309,8 @@ class Embedding(LoraLayer, nn.Module):
         delta = self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]
         return delta.T * self.scaling[adapter_name]
 
-    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def low_rank_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """scaling * (row x of A^T) B^T: the low-rank table looked up like the base table."""
         base = self.get_base_layer()
         after_a = F.embedding(
             x,
@@ -207,6 +346,14 @@ class Conv(LoraLayer, nn.Module):
             self.in_features, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
         )
         self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=False)
+
+    def dora_channel_shape(self) -> tuple[int, ...]:
+        # (1, out, 1, ...) as peft stores it, which also broadcasts against the (N, out, ...) output.
+        return (1, self.out_features) + (1,) * (self.get_base_layer().weight.dim() - 2)
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return base._conv_forward(x.to(base.weight.dtype), base.weight, None)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta_W[o, i, k] = scaling * sum_r B[o, r] A[r, i, k] (B is 1x1, so it is a matmul)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,7 +19,9 @@ from .._core.module_tree import replace_module
 from .._core.modules_to_save import ModulesToSaveWrapper
 from .._core.tuner import BaseTuner
 from .config import LoraConfig
+from .init import is_valid_base_weight_init
 from .layer import LoraLayer, create_lora_module
+from .mixed_batch import check_names
 from .weighted import add_weighted_adapter
 
 
@@ -44,6 +49,7 @@ class LoraModel(BaseTuner):
             "lora_dropout": config.lora_dropout,
             "init_lora_weights": config.init_lora_weights,
             "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora,
         }
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **kwargs)
@@ -57,6 +63,13 @@ class LoraModel(BaseTuner):
         replace_module(parent, target_name, new_module)
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        configs = [config, *self.peft_config.values()]
+        if len(configs) > 1 and any(is_valid_base_weight_init(cfg.init_lora_weights) for cfg in configs):
+            warnings.warn(
+                "PiSSA/OLoRA adapters change the base weights, so they should not be combined with other adapters. "
+                "Convert them to plain LoRA with save_pretrained(..., path_initial_model_for_weight_conversion=...).",
+                stacklevel=4,
+            )
         with_bias = [name for name, cfg in self.peft_config.items() if cfg.bias != "none"]
         if with_bias and config.bias != "none":
             raise ConfigError(
@@ -94,6 +107,26 @@ class LoraModel(BaseTuner):
         if self.peft_config[adapter_name].bias == "all":
             return (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
         return ()
+
+    @contextmanager
+    def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+        """For one forward / generate call, row i of the batch uses adapter `adapter_names[i]`.
+
+        "__base__" means no adapter. Layers compute all rows in one batched operation (see
+        `mixed_batch.py`). Merged adapters and DoRA cannot be mixed this way.
+        """
+        check_names(adapter_names, list(self.peft_config))
+        self._require_unmerged("run a mixed-adapter batch")
+        if any(getattr(self.peft_config[n], "use_dora", False) for n in set(adapter_names) & set(self.peft_config)):
+            raise ConfigError("Mixed-adapter batches do not support DoRA adapters; run them one adapter at a time.")
+        modules = [module for _, module in self.adapter_modules()]
+        for module in modules:
+            module.batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.batch_adapter_names = None
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         """Add `adapter_name`, a weighted combination of `adapters` (see `weighted.add_weighted_adapter`).

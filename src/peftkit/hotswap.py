@@ -1,0 +1,125 @@
+"""Hot-swapping LoRA adapters in place, so a compiled model keeps its compiled graph.
+
+`prepare_model_for_compiled_hotswap` pads every adapter to a common rank (zero rows/columns do not
+change the output) and turns each scaling into a 0-dim tensor. After that, `hotswap_adapter`
+only copies tensors into the existing parameters and fills the scaling tensors in place, so
+torch.compile's guards (shapes, Python constants) still hold and nothing is recompiled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint.io import load_adapter_weights
+from .checkpoint.state_dict import _strip_prefix, _tuner_of, adapter_tensor_map
+from .config import PeftConfig
+from .errors import AdapterStateError, CheckpointError, ConfigError
+from .tuners._core.matching import pattern_value
+from .tuners.lora.layer import LoraLayer
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    tuner, _, _ = _tuner_of(model)
+    if tuner is None:
+        raise ConfigError("Hot-swapping needs a PeftModel (or a LoraModel) holding LoRA adapters.")
+    return [(name, layer) for name, layer in tuner.tuner_layers() if isinstance(layer, LoraLayer)]
+
+
+def _pad_rank(layer: LoraLayer, adapter_name: str, rank: int) -> None:
+    current = layer.r[adapter_name]
+    if current > rank:
+        raise ConfigError(f"target_rank={rank} is below the rank {current} of adapter {adapter_name!r}; raise target_rank.")
+    if current == rank or adapter_name not in layer.lora_A:
+        return
+    weight_a, weight_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    pad_a = weight_a.new_zeros((rank - current,) + weight_a.shape[1:])
+    pad_b = weight_b.new_zeros((weight_b.shape[0], rank - current) + weight_b.shape[2:])
+    weight_a.data = torch.cat([weight_a.data, pad_a], dim=0)
+    weight_b.data = torch.cat([weight_b.data, pad_b], dim=1)
+    for module, features in ((layer.lora_A[adapter_name], "out_features"), (layer.lora_B[adapter_name], "in_features")):
+        for attr in (features, "out_channels" if features == "out_features" else "in_channels"):
+            if hasattr(module, attr):
+                setattr(module, attr, rank)
+    layer.r[adapter_name] = rank
+
+
+def prepare_model_for_compiled_hotswap(
+    model: nn.Module, target_rank: Optional[int] = None, config: Any = None, check_compiled: str = "error"
+) -> None:
+    """Pad all LoRA adapters to `target_rank` and make their scalings tensors; call before torch.compile."""
+    if hasattr(model, "_orig_mod"):
+        if check_compiled == "error":
+            raise AdapterStateError("Call prepare_model_for_compiled_hotswap before torch.compile, not after.")
+    for _, layer in _lora_layers(model):
+        for adapter_name in list(layer.r):
+            if target_rank is not None:
+                _pad_rank(layer, adapter_name, target_rank)
+            scaling = layer.scaling[adapter_name]
+            if not isinstance(scaling, torch.Tensor):
+                layer.scaling[adapter_name] = torch.tensor(float(scaling), device=layer.get_base_layer().weight.device)
+
+
+def _new_scaling(config: Any, key: str) -> float:
+    rank = pattern_value(config.rank_pattern or {}, key, config.r)
+    alpha = pattern_value(config.alpha_pattern or {}, key, config.lora_alpha)
+    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+def _copy_padded(live: torch.Tensor, new: torch.Tensor, key: str) -> None:
+    """Copy `new` into `live`; a smaller rank fills the leading rows (A) or columns (B), zeros elsewhere."""
+    if new.shape == live.shape:
+        live.copy_(new)
+        return
+    rank_dim = 0 if ".lora_A" in key or key.endswith("lora_embedding_A") else 1
+    fits = new.dim() == live.dim() and all(
+        n == l or (d == rank_dim and n < l) for d, (n, l) in enumerate(zip(new.shape, live.shape))
+    )
+    if not fits:
+        raise CheckpointError(
+            f"Cannot hot-swap {key}: the new adapter has shape {tuple(new.shape)}, the loaded one {tuple(live.shape)}. "
+            "Only a rank up to the loaded (padded) rank fits; use prepare_model_for_compiled_hotswap(target_rank=...)."
+        )
+    live.zero_()
+    live.narrow(rank_dim, 0, new.shape[rank_dim]).copy_(new)
+
+
+def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str, torch_device: Optional[str] = None, **kwargs: Any) -> None:
+    """Replace the weights of loaded LoRA adapter `adapter_name` by those of another saved adapter.
+
+    No module is re-injected: tensors are copied in place and scalings updated. Layers the new
+    adapter does not target are zeroed. Raises if the new adapter targets a module the loaded one
+    does not, or needs a larger rank.
+    """
+    tuner, _, prefix = _tuner_of(model)
+    if tuner is None or adapter_name not in tuner.peft_config:
+        raise AdapterStateError(f"No loaded adapter named {adapter_name!r} to hot-swap; load one first.")
+    config = PeftConfig.from_pretrained(os.fspath(model_name_or_path), **kwargs)
+    if str(config.peft_type) != "LORA" or str(tuner.peft_config[adapter_name].peft_type) != "LORA":
+        raise ConfigError("Hot-swapping supports LoRA adapters only.")
+    incoming = _strip_prefix(load_adapter_weights(os.fspath(model_name_or_path), device=torch_device, **kwargs), prefix)
+    live = adapter_tensor_map(model, adapter_name)
+    unexpected = sorted(set(incoming) - set(live))
+    if unexpected:
+        raise CheckpointError(f"Cannot hot-swap: the new adapter has weights for modules the loaded one lacks: {unexpected[:5]}.")
+    with torch.no_grad():
+        for key, tensor in live.items():
+            if key in incoming:
+                _copy_padded(tensor, incoming[key].to(tensor.device, tensor.dtype), key)
+            else:
+                tensor.zero_()
+        for name, layer in _lora_layers(model):
+            _set_scaling(layer, adapter_name, _new_scaling(config, name))
+    tuner.peft_config[adapter_name] = config.__class__.from_dict({**config.to_dict(), "inference_mode": True})
+
+
+def _set_scaling(layer: LoraLayer, adapter_name: str, value: float) -> None:
+    current = layer.scaling.get(adapter_name)
+    if isinstance(current, torch.Tensor):
+        current.fill_(value)
+    else:
+        layer.scaling[adapter_name] = value

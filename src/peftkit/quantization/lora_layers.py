@@ -1,0 +1,120 @@
+"""LoRA on quantized bases: peftkit's `Linear4bit` / `Linear8bit` and bitsandbytes' `Linear4bit` / `Linear8bitLt`.
+
+The forward is plain LoRA (the base layer dequantizes on its own). Merging cannot add in place to
+packed codes, so it goes through the dense weight and back:
+
+    W_q  <-  quantize(dequantize(W_q) + sum_adapters scaling * B A)
+
+which rounds: merged outputs differ from unmerged ones by about one quantization step, and
+merge -> unmerge does not give back the exact codes (a warning says so). For an exact dense merge,
+call `dequantize_model(peft_model)` first and then `merge_and_unload()`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..errors import AdapterStateError, ConfigError
+from ..tuners.lora.layer import LORA_DISPATCHERS, Linear as LoraLinear
+from . import bnb
+from .linear import QuantizedLinearBase
+
+REQUANTIZE_WARNING = (
+    "Merging into a quantized base weight dequantizes, adds the adapter and re-quantizes it; rounding makes "
+    "the merged model differ slightly from the unmerged one. Call peftkit.quantization.dequantize_model() "
+    "first for an exact merge into dense weights."
+)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether `module` is a quantized linear layer LoRA can wrap (peftkit's or bitsandbytes')."""
+    return isinstance(module, QuantizedLinearBase) or bnb.is_bnb_linear(module)
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The quantized base's weight as float32 (out, in)."""
+    if isinstance(base, QuantizedLinearBase):
+        return base.dequantize_weight(torch.float32)
+    return bnb.dequantize(base)
+
+
+def store_dense_weight(base: nn.Module, weight: torch.Tensor) -> None:
+    """Quantize the dense `weight` into `base`, replacing its codes."""
+    if isinstance(base, QuantizedLinearBase):
+        base.requantize_(weight)
+    else:
+        bnb.requantize(base, weight)
+
+
+class QuantizedLinear(LoraLinear):
+    """LoRA over a quantized linear base; adapters are float32 whatever the compute dtype."""
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, **kwargs: Any) -> None:
+        if kwargs.get("use_dora"):
+            raise ConfigError(
+                f"use_dora=True is not supported on the quantized layer {type(self.get_base_layer()).__name__} yet; "
+                "use plain LoRA (use_dora=False) or a non-quantized base."
+            )
+        super().update_layer(adapter_name, r, lora_alpha, **kwargs)
+
+    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
+        raise ConfigError(
+            f"init_lora_weights={init_lora_weights!r} rewrites the base weight, which is quantized here; "
+            "use init_lora_weights=True or 'gaussian'."
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W_q <- quantize(dequantize(W_q) + sum delta); plain LoRA merge if the base was dequantized."""
+        base = self.get_base_layer()
+        if not is_quantized_linear(base):
+            super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            return
+        names = self._adapters_to_merge(adapter_names)
+        if not names:
+            return
+        warnings.warn(REQUANTIZE_WARNING, stacklevel=2)
+        weight = dense_weight(base)
+        for name in names:
+            merged = weight + self.get_delta_weight(name).to(weight)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise AdapterStateError(
+                    f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
+                )
+            weight = merged
+        with torch.no_grad():
+            store_dense_weight(base, weight)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """W_q <- quantize(dequantize(W_q) - sum delta) (approximate: both steps round)."""
+        base = self.get_base_layer()
+        if not is_quantized_linear(base) or not self.merged:
+            super().unmerge()
+            return
+        weight = dense_weight(base)
+        for name in reversed(self.merged_adapters):
+            weight = weight - self.get_delta_weight(name).to(weight)
+        with torch.no_grad():
+            store_dense_weight(base, weight)
+        self.merged_adapters.clear()
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dense_weight(self.get_base_layer())
+        return x.to(weight.dtype) @ weight.T
+
+
+def dispatch_quantized(target: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **kwargs: Any) -> Optional[nn.Module]:
+    """LORA_DISPATCHERS entry: a `QuantizedLinear` for quantized linear bases, else None."""
+    if not is_quantized_linear(target):
+        return None
+    return QuantizedLinear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+
+
+def register() -> None:
+    """Add `dispatch_quantized` to LoRA's dispatchers (once)."""
+    if dispatch_quantized not in LORA_DISPATCHERS:
+        LORA_DISPATCHERS.append(dispatch_quantized)

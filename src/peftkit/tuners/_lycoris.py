@@ -1,0 +1,318 @@
+r"""What LoHa and LoKr (the "LyCORIS" family) share: config fields, the layer skeleton, the tuner.
+
+Both methods learn a structured update of a base weight W (out x in, or out x in x k x k for a
+convolution), scaled by `alpha / r`:
+
+    LoHa:  delta_W = (W1a W1b) * (W2a W2b) * alpha / r          (* is the Hadamard product)
+    LoKr:  delta_W = kron(W1, W2) * alpha / r
+
+A layer computes `y = base(x) + delta(x)`. The delta can be applied two ways, which agree up to
+rounding:
+
+- materialised: build delta_W, then `F.linear(x, delta_W)` / `F.convNd(x, delta_W)` (what peft does);
+- factored: push x through the factors without ever forming delta_W (cheaper in most real shapes).
+
+Each method gives a cost estimate (multiply-adds) for both and `delta_mode="auto"` picks the
+cheaper per call; `"factored"` / `"materialized"` force one (tests and benchmarks use that).
+
+Rank dropout zeroes whole output rows of delta_W during training; since a zeroed row only zeroes
+one output channel, it is applied to the delta's output, so both paths support it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..config import PeftConfig
+from ..errors import ConfigError, TargetModulesError
+from ..utils.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
+from ..utils.validation import as_name_set, check_dropout, check_layer_selection, check_positive_number, check_rank
+from ._core.layer import BaseTunerLayer
+from ._core.matching import pattern_value
+from ._core.module_tree import replace_module
+from ._core.tuner import BaseTuner
+
+# peft uses a copy of its LoRA table for LoHa and LoKr. Ours lacks a few architectures of peft's
+# LoRA table (it predates them); they are added here so `target_modules=None` resolves as in peft.
+LYCORIS_TARGET_MODULES_BY_MODEL_TYPE: dict[str, Any] = {
+    **LORA_TARGET_MODULES_BY_MODEL_TYPE,
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+
+DELTA_MODES = ("auto", "factored", "materialized")
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv1d and torch.nn.Conv2d"
+
+
+@dataclass
+class LycorisConfig(PeftConfig):
+    """Fields LoHa and LoKr share (peft's `LycorisConfig`): per-module rank and alpha overrides.
+
+    Args:
+        rank_pattern: Per-module rank, keyed by a regex matched against the end of the module path.
+        alpha_pattern: Per-module alpha, keyed the same way.
+    """
+
+    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module rank"})
+    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module alpha"})
+
+    #: Values `init_weights` may take.
+    init_choices: ClassVar[tuple[Any, ...]] = (True, False)
+
+    def _check_lycoris_fields(self, expected: Any) -> None:
+        """Normalise and validate the fields both methods have; `expected` is the PeftType."""
+        if str(self.peft_type) != expected.value:
+            raise ConfigError(f"{type(self).__name__} has peft_type {self.peft_type!r}; it must be {expected.value!r}.")
+        self.peft_type = expected
+        self.target_modules = as_name_set(self.target_modules)
+        self.exclude_modules = as_name_set(self.exclude_modules)
+        check_rank(self.r, "r")
+        check_positive_number(self.alpha, "alpha")
+        check_dropout(self.rank_dropout, "rank_dropout")
+        check_dropout(self.module_dropout, "module_dropout")
+        for key, rank in (self.rank_pattern or {}).items():
+            check_rank(rank, f"rank_pattern[{key!r}]")
+        for key, alpha in (self.alpha_pattern or {}).items():
+            check_positive_number(alpha, f"alpha_pattern[{key!r}]")
+        # `is` for the booleans, so 1 or 0 are refused rather than read as True / False.
+        value = self.init_weights
+        if not any(value is c if isinstance(c, bool) else value == c for c in self.init_choices):
+            choices = ", ".join(repr(choice) for choice in self.init_choices)
+            raise ConfigError(f"init_weights={self.init_weights!r} is not supported; use one of {choices}.")
+        if not isinstance(self.use_effective_conv2d, bool):
+            raise ConfigError(f"use_effective_conv2d={self.use_effective_conv2d!r} must be True or False.")
+        check_layer_selection(self)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+
+# ---------------------------------------------------------------------------------------------- layer
+class LycorisLayer(BaseTunerLayer, nn.Module):
+    """A frozen base layer plus, per adapter, factors whose product is a weight update.
+
+    Subclasses name their factor attributes in `adapter_layer_names` and implement
+    `_create_adapter`, `_delta_kernel` (delta_W laid out like an `(out, in, *kernel)` weight) and,
+    where cheaper, `_factored_output` with its cost model `_costs`.
+    """
+
+    other_param_names = ("r", "alpha", "scaling", "rank_dropout", "rank_dropout_scale", "module_dropout")
+    #: LoHa always rescales rank dropout by the kept fraction; LoKr only with `rank_dropout_scale`.
+    always_scale_rank_dropout: ClassVar[bool] = False
+    #: Lower-case prefix of the repr (as peft prints it) and the name used in messages.
+    method_name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **adapter_kwargs: Any) -> None:
+        super().__init__()
+        self._init_tuner_layer(base_layer)
+        base = self.get_base_layer()
+        self.is_conv1d_layer = isinstance(base, Conv1D)  # weight stored (in, out): transpose deltas
+        self.is_conv = isinstance(base, (nn.Conv1d, nn.Conv2d))
+        if self.is_conv:
+            self.in_features, self.out_features = base.in_channels, base.out_channels
+        elif self.is_conv1d_layer:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self.delta_mode = "auto"
+        for name in self.other_param_names:
+            setattr(self, name, {})
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict({}))
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, **adapter_kwargs)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        """The base convolution's kernel size; `()` for linear layers."""
+        return tuple(self.get_base_layer().kernel_size) if self.is_conv else ()
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """(out, in / groups, *kernel): the layout every delta is computed in."""
+        base = self.get_base_layer()
+        if self.is_conv:
+            return (self.out_features, self.in_features // base.groups, *self.kernel_size)
+        return (self.out_features, self.in_features)
+
+    def _wants_effective_conv(self, use_effective_conv2d: bool) -> bool:
+        """peft ignores use_effective_conv2d for linear layers and 1x1 kernels (nothing to factor)."""
+        return bool(use_effective_conv2d) and self.is_conv and math.prod(self.kernel_size) > 1
+
+    # ------------------------------------------------------------------ adapters
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        init_weights: Any = True,
+        rank_dropout_scale: bool = False,
+        **method_kwargs: Any,
+    ) -> None:
+        """Add (or replace) adapter `adapter_name` on this layer."""
+        check_rank(r, "r")
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.rank_dropout[adapter_name] = rank_dropout
+        self.rank_dropout_scale[adapter_name] = rank_dropout_scale
+        self.module_dropout[adapter_name] = module_dropout
+        self._create_adapter(adapter_name, r, init_weights, **method_kwargs)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _create_adapter(self, adapter_name: str, r: int, init_weights: Any, **method_kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def _active_here(self) -> list[str]:
+        return [name for name in self._active_adapter if name in self.r]
+
+    def _adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        """The dtype the adapter computes in (fp32 over a low-precision base, see _move_adapter_to_base)."""
+        return next(iter(self.adapter_params([adapter_name]))).dtype
+
+    # ------------------------------------------------------------------ the update
+    def _delta_kernel(self, adapter_name: str) -> torch.Tensor:
+        """scaling * delta_W shaped `weight_shape` (out first, even for Conv1D bases)."""
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """delta_W laid out like the base weight (transposed for transformers' Conv1D)."""
+        delta = self._delta_kernel(adapter_name)
+        return delta.T if self.is_conv1d_layer else delta
+
+    def _factored_output(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """delta(x) computed from the factors, or None where this layer has no factored path."""
+        return None
+
+    def _costs(self, adapter_name: str, positions: int) -> tuple[float, float]:
+        """(materialised, factored) multiply-adds for `positions` input rows / output pixels."""
+        return 0.0, math.inf
+
+    def _use_factored(self, x: torch.Tensor, adapter_name: str) -> bool:
+        if self.delta_mode == "materialized":
+            return False
+        if self.delta_mode == "factored":
+            return True
+        positions = x.numel() // max(self.in_features, 1)
+        materialized, factored = self._costs(adapter_name, positions)
+        return factored < materialized
+
+    def _materialized_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        kernel = self._delta_kernel(adapter_name)
+        if not self.is_conv:
+            return F.linear(x, kernel)
+        base = self.get_base_layer()
+        return conv_fn(self)(
+            x, kernel, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups
+        )
+
+    def delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """delta_W applied to x (no bias), by the factored path when it is cheaper."""
+        if self.delta_mode not in DELTA_MODES:
+            raise ValueError(f"delta_mode={self.delta_mode!r} is not one of {DELTA_MODES}.")
+        out = self._factored_output(x, adapter_name) if self._use_factored(x, adapter_name) else None
+        return self._materialized_output(x, adapter_name) if out is None else out
+
+    def _rank_dropout_mask(self, adapter_name: str, out: torch.Tensor) -> torch.Tensor:
+        """Keep each output channel with probability 1 - rank_dropout (rescaled like peft)."""
+        keep = (torch.rand(self.out_features, device=out.device) > self.rank_dropout[adapter_name]).to(out.dtype)
+        if (self.always_scale_rank_dropout or self.rank_dropout_scale[adapter_name]) and keep.any():
+            keep = keep / keep.mean()
+        channel_dim = out.dim() - 1 - len(self.kernel_size)  # last for linear; before the spatial dims for convs
+        shape = [1] * out.dim()
+        shape[channel_dim] = self.out_features
+        return keep.view(shape)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each active adapter's delta (none when disabled or merged)."""
+        previous_dtype = x.dtype
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter_name in self._active_here():
+            # Module dropout skips the whole adapter for this step.
+            if self.training and torch.rand(1).item() <= self.module_dropout[adapter_name]:
+                continue
+            delta = self.delta_output(x.to(self._adapter_dtype(adapter_name)), adapter_name)
+            if self.training and self.rank_dropout[adapter_name] > 0:
+                delta = delta * self._rank_dropout_mask(adapter_name, delta)
+            result = result + delta
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return f"{self.method_name}." + super().__repr__()
+
+
+def kaiming_(tensor: torch.Tensor) -> None:
+    """The default init of `nn.Linear` weights (Kaiming-uniform, a=sqrt(5)), as LyCORIS uses."""
+    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def cp_rebuild(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
+    """A CP-factored kernel: R[o, i, k...] = sum_ab core[a, b, k...] out_factor[a, o] in_factor[b, i]."""
+    return torch.einsum("ab...,ao,bi->oi...", core, out_factor, in_factor)
+
+
+def conv_fn(layer: LycorisLayer) -> Any:
+    """F.conv2d or F.conv1d, matching the layer's base convolution."""
+    return F.conv2d if isinstance(layer.get_base_layer(), nn.Conv2d) else F.conv1d
+
+
+# ---------------------------------------------------------------------------------------------- tuner
+class LycorisTuner(BaseTuner):
+    """Wraps targeted Linear / Conv1D / Conv1d / Conv2d modules in the method's layer class."""
+
+    layer_cls: ClassVar[type[LycorisLayer]]
+    default_target_modules = LYCORIS_TARGET_MODULES_BY_MODEL_TYPE
+
+    def _layer_kwargs(self, config: Any) -> dict[str, Any]:
+        """Per-adapter settings from the config that every layer of this method receives."""
+        return {
+            "rank_dropout": config.rank_dropout,
+            "module_dropout": config.module_dropout,
+            "init_weights": config.init_weights,
+            "use_effective_conv2d": config.use_effective_conv2d,
+        }
+
+    def _create_and_replace(
+        self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
+    ) -> None:
+        kwargs = {
+            "r": pattern_value(config.rank_pattern or {}, current_key, config.r),
+            "alpha": pattern_value(config.alpha_pattern or {}, current_key, config.alpha),
+            **self._layer_kwargs(config),
+        }
+        if isinstance(target, self.layer_cls):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)):
+            raise TargetModulesError(
+                f"Target module {current_key!r} is a {type(base).__name__}, which {self.layer_cls.display_name} "
+                f"cannot wrap. Supported: {SUPPORTED_LAYERS}. Narrow target_modules "
+                f"(or add {target_name!r} to exclude_modules)."
+            )
+        replace_module(parent, target_name, self.layer_cls(target, adapter_name, **kwargs))

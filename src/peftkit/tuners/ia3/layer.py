@@ -1,0 +1,189 @@
+r"""(IA)^3 layers: a frozen base layer whose output (or input) is rescaled by a learned vector.
+
+    attention-type target:     y = l * (W x + b)        l: (out, 1)   saved as `...ia3_l`
+    feed-forward target:       y = W (l * x) + b        l: (1, in)
+
+A new vector starts at ones (`init_ia3_weights=True`), so a fresh adapter is a no-op. Several
+active adapters multiply their vectors. The update is multiplicative, so merging scales the base
+weight instead of adding to it:
+
+    attention:      W <- diag(l) W,  b <- l * b
+    feed-forward:   W <- W diag(l)                      (the bias is untouched)
+
+Unmerging divides again; entries of l that are exactly zero cannot be undone (warned about).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...errors import AdapterStateError
+from .._core.layer import BaseTunerLayer
+
+
+class IA3Layer(BaseTunerLayer, nn.Module):
+    """What every (IA)^3 layer shares: one vector per adapter in `ia3_l`, multiplicative merging."""
+
+    adapter_layer_names = ("ia3_l",)
+    other_param_names = ()
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False, init_ia3_weights: bool = True
+    ) -> None:
+        super().__init__()
+        self._init_tuner_layer(base_layer)
+        self._init_geometry(self.get_base_layer())
+        self.is_feedforward = is_feedforward
+        self.ia3_l = nn.ParameterDict({})
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, init_ia3_weights)
+
+    def _init_geometry(self, base: nn.Module) -> None:
+        """Set `in_features` / `out_features` (and layout details) from the wrapped base layer."""
+        raise NotImplementedError
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _weight_factor(self, adapter_name: str) -> torch.Tensor:
+        """`ia3_l[adapter_name]` shaped to broadcast against the base weight."""
+        raise NotImplementedError
+
+    def _activation_factor(self, vector: torch.Tensor) -> torch.Tensor:
+        """A vector shaped to broadcast against the layer's input (feed-forward) or output."""
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
+        """Add (or replace) adapter `adapter_name`: ones, or N(0, 1) entries when not initialised."""
+        shape = self._vector_shape()
+        self.ia3_l[adapter_name] = nn.Parameter(torch.ones(shape) if init_ia3_weights else torch.randn(shape))
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _active_here(self) -> list[str]:
+        return [name for name in self._active_adapter if name in self.ia3_l]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Scale the input (feed-forward) or the output by the product of the active vectors."""
+        if self._disable_adapters and self.merged:
+            self.unmerge()
+        active = [] if self._disable_adapters or self.merged else self._active_here()
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        scaling = self.ia3_l[active[0]]
+        for name in active[1:]:
+            scaling = scaling * self.ia3_l[name]
+        scaling = self._activation_factor(scaling)
+        if self.is_feedforward:
+            return self.base_layer((x.to(scaling.dtype) * scaling).to(x.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result.to(scaling.dtype) * scaling).to(result.dtype)
+
+    # ------------------------------------------------------------------ merging (multiplicative)
+    def _scaled_bias(self, adapter_name: str, inverse: bool = False) -> Optional[torch.Tensor]:
+        """The base bias times (or divided by) the vector; None for feed-forward or bias-free layers."""
+        bias = self.get_base_layer().bias
+        if self.is_feedforward or bias is None:
+            return None
+        factor = self.ia3_l[adapter_name].detach().reshape(bias.shape)
+        return bias.data / _nonzero(factor) if inverse else bias.data * factor
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold each adapter into the base layer: W <- W * l (and b <- b * l for attention targets).
+
+        With `safe_merge`, the result is checked for NaN/inf before the layer is touched.
+        """
+        base = self.get_base_layer()
+        for name in self._adapters_to_merge(adapter_names):
+            weight = base.weight.data * self._weight_factor(name).detach()
+            bias = self._scaled_bias(name)
+            if safe_merge and not all(t is None or torch.isfinite(t).all() for t in (weight, bias)):
+                raise AdapterStateError(
+                    f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
+                )
+            base.weight.data = weight.to(base.weight.dtype)
+            if bias is not None:
+                base.bias.data = bias.to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Divide every merged vector out again, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            factor = self._weight_factor(name).detach()
+            if (factor == 0).any():
+                warnings.warn(
+                    f"Adapter {name!r} has zero entries; the weights they zeroed cannot be restored by unmerging.",
+                    stacklevel=2,
+                )
+            bias = self._scaled_bias(name, inverse=True)
+            base.weight.data = (base.weight.data / _nonzero(factor)).to(base.weight.dtype)
+            if bias is not None:
+                base.bias.data = bias.to(base.bias.dtype)
+
+    def __repr__(self) -> str:
+        return "ia3." + super().__repr__()
+
+
+def _nonzero(factor: torch.Tensor) -> torch.Tensor:
+    """`factor` with exact zeros replaced by ones, so dividing by it never yields NaN/inf."""
+    return torch.where(factor == 0, torch.ones_like(factor), factor)
+
+
+class Linear(IA3Layer):
+    """(IA)^3 on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
+
+    def _init_geometry(self, base: nn.Module) -> None:
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
+    def _weight_factor(self, adapter_name: str) -> torch.Tensor:
+        vector = self.ia3_l[adapter_name]
+        return vector.T if self.fan_in_fan_out else vector
+
+    def _activation_factor(self, vector: torch.Tensor) -> torch.Tensor:
+        return vector.flatten()
+
+
+class Conv(IA3Layer):
+    """(IA)^3 on `nn.Conv2d` / `nn.Conv3d`: one factor per input (feed-forward) or output channel."""
+
+    def _init_geometry(self, base: nn.Module) -> None:
+        self.in_features, self.out_features = base.in_channels, base.out_channels
+        self.kernel_dims = base.weight.dim() - 2
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        channels = self.in_features if self.is_feedforward else self.out_features
+        return (1, channels) + (1,) * self.kernel_dims
+
+    def _weight_factor(self, adapter_name: str) -> torch.Tensor:
+        vector = self.ia3_l[adapter_name]
+        if not self.is_feedforward:
+            return vector.transpose(0, 1)  # (out, 1, 1, ...): one factor per output filter
+        groups = self.get_base_layer().groups
+        if groups == 1:
+            return vector
+        # Weight is (out, in / groups, ...): filter o of group g sees input channels g*in_g ... (g+1)*in_g - 1.
+        in_per_group, out_per_group = self.in_features // groups, self.out_features // groups
+        per_group = vector.reshape(groups, 1, in_per_group, *vector.shape[2:])
+        expanded = per_group.expand(groups, out_per_group, in_per_group, *vector.shape[2:])
+        return expanded.reshape(self.out_features, in_per_group, *vector.shape[2:])
+
+    def _activation_factor(self, vector: torch.Tensor) -> torch.Tensor:
+        return vector.reshape(-1, *(1,) * self.kernel_dims)  # (channels, 1, 1): batched or not

@@ -1,0 +1,124 @@
+r"""LoHa layers: the update is the Hadamard (element-wise) product of two low-rank matrices.
+
+    delta_W = (W1a W1b) * (W2a W2b) * alpha / r        W1a, W2a: out x r    W1b, W2b: r x in
+
+With `init_weights=True`, W2b starts at zero (the other factors Kaiming-uniform), so a new adapter
+is a no-op. For convolutions, `in` is `in_channels / groups * prod(kernel)`; with
+`use_effective_conv2d` the kernel gets a CP factorisation instead:
+
+    R_n[o, i, k] = sum_ab t_n[a, b, k] Wna[a, o] Wnb[b, i]        delta_W = R_1 * R_2 * alpha / r
+
+Factored forward. Writing the Hadamard product of two rank-r products as one rank-r^2 product,
+
+    delta_W = A B,   A[o, (p, q)] = W1a[o, p] W2a[o, q],   B[(p, q), i] = W1b[p, i] W2b[q, i]
+
+so `delta(x) = (x B^T) A^T`: r^2 (in + out) multiply-adds per row instead of in * out (plus
+building delta_W). For convolutions B is an r^2-channel conv with the base kernel and A a 1x1
+conv; in the CP form the kernel sits in an r^2 -> r^2 core conv between two 1x1 convs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .._lycoris import LycorisLayer, conv_fn, cp_rebuild, kaiming_
+
+
+def _row_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """All products of a row of `left` with a row of `right`: (p, n), (q, n) -> (p * q, n)."""
+    return (left.unsqueeze(1) * right.unsqueeze(0)).reshape(left.shape[0] * right.shape[0], -1)
+
+
+class LoHaLayer(LycorisLayer):
+    """LoHa on `nn.Linear`, transformers' `Conv1D`, `nn.Conv1d` or `nn.Conv2d`."""
+
+    adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    always_scale_rank_dropout = True
+    method_name = "loha"
+    display_name = "LoHa"
+
+    def _create_adapter(self, adapter_name: str, r: int, init_weights: Any, use_effective_conv2d: bool = False) -> None:
+        out_features, in_per_group, *kernel = self.weight_shape
+        if self._wants_effective_conv(use_effective_conv2d):
+            # The core is 4-d even for Conv1d ((r, r, k, 1)), the layout peft saves.
+            core_shape = (r, r, *kernel) if len(kernel) == 2 else (r, r, kernel[0], 1)
+            self.hada_t1[adapter_name] = nn.Parameter(torch.empty(core_shape))
+            self.hada_t2[adapter_name] = nn.Parameter(torch.empty(core_shape))
+            out_shape, in_shape = (r, out_features), (r, in_per_group)
+        else:
+            out_shape, in_shape = (out_features, r), (r, in_per_group * math.prod(kernel))
+        for name in ("hada_w1_a", "hada_w2_a"):
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(out_shape))
+        for name in ("hada_w1_b", "hada_w2_b"):
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(in_shape))
+        self.reset_adapter_parameters(adapter_name, init_weights)
+
+    def reset_adapter_parameters(self, adapter_name: str, init_weights: Any = True) -> None:
+        """Kaiming-uniform everywhere; with `init_weights=True`, W2b zero so delta_W starts at 0."""
+        for name in self.adapter_layer_names:
+            if adapter_name in getattr(self, name):
+                kaiming_(getattr(self, name)[adapter_name])
+        if init_weights:
+            nn.init.zeros_(self.hada_w2_b[adapter_name])
+
+    # ------------------------------------------------------------------ materialised
+    def _delta_kernel(self, adapter_name: str) -> torch.Tensor:
+        w1a, w1b = self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name]
+        w2a, w2b = self.hada_w2_a[adapter_name], self.hada_w2_b[adapter_name]
+        if adapter_name in self.hada_t1:
+            delta = cp_rebuild(self.hada_t1[adapter_name], w1a, w1b) * cp_rebuild(self.hada_t2[adapter_name], w2a, w2b)
+        else:
+            delta = (w1a @ w1b) * (w2a @ w2b)
+        return (delta * self.scaling[adapter_name]).reshape(self.weight_shape)
+
+    # ------------------------------------------------------------------ factored
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(A: out x r^2, B: r^2 x in_flat, core: r^2 x r^2 x kernel or None) with delta_W = A core B."""
+        w1a, w1b = self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name]
+        w2a, w2b = self.hada_w2_a[adapter_name], self.hada_w2_b[adapter_name]
+        if adapter_name not in self.hada_t1:
+            return _row_products(w1a.T, w2a.T).T, _row_products(w1b, w2b), None
+        t1, t2 = self.hada_t1[adapter_name], self.hada_t2[adapter_name]
+        r1, r2 = t1.shape[0], t2.shape[0]
+        # core[(a, c), (b, d), k...] = t1[a, b, k...] * t2[c, d, k...]
+        core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r1 * r2, r1 * r2, *t1.shape[2:])
+        return _row_products(w1a, w2a).T, _row_products(w1b, w2b), core
+
+    def _factored_output(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        if self.is_conv and self.get_base_layer().groups != 1:
+            return None
+        outer, inner, core = self._factors(adapter_name)
+        scaling = self.scaling[adapter_name]
+        if not self.is_conv:
+            return (x @ inner.T) @ (outer.T * scaling)
+        base, conv = self.get_base_layer(), conv_fn(self)
+        kernel_dims = len(self.kernel_size)
+        geometry = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        pointwise = (1,) * kernel_dims
+        if core is None:
+            hidden = conv(x, inner.reshape(inner.shape[0], *self.weight_shape[1:]), **geometry)
+        else:
+            hidden = conv(x, inner.reshape(*inner.shape, *pointwise))
+            hidden = conv(hidden, core.reshape(*core.shape[:2], *self.kernel_size), **geometry)
+        return conv(hidden, (outer * scaling).reshape(*outer.shape, *pointwise))
+
+    def _costs(self, adapter_name: str, positions: int) -> tuple[float, float]:
+        if self.is_conv and self.get_base_layer().groups != 1:
+            return 0.0, math.inf
+        r = self.r[adapter_name]
+        out_features, in_per_group, *kernel = self.weight_shape
+        taps = math.prod(kernel)
+        if adapter_name in self.hada_t1:
+            build = 2 * r * taps * in_per_group * (r + out_features) + out_features * in_per_group * taps
+            materialized = build + positions * out_features * in_per_group * taps
+            core = r**4 * taps
+            factored = (positions + 1) * (core + r * r * (in_per_group + out_features))
+            return materialized, factored
+        flat_in = in_per_group * taps
+        materialized = out_features * flat_in * (2 * r + 1) + positions * out_features * flat_in
+        factored = (positions + 1) * r * r * (flat_in + out_features)
+        return materialized, factored

@@ -1,0 +1,88 @@
+r"""Initialisations that take the adapter from the base weight: PiSSA and OLoRA.
+
+Both split the base weight W (out x in) into a rank-r part, which becomes the adapter, and a
+residual, which replaces W:
+
+    W = W_res + s B A          ->  the base layer now holds W_res; a fresh adapter is a no-op
+
+PiSSA (https://arxiv.org/abs/2404.02948) takes the top-r singular triplets, W ~ V_r S_r U_r^T:
+
+    A = sqrt(S_r / s) U_r^T,   B = V_r sqrt(S_r / s)
+
+("pissa" is an exact SVD; "pissa_niter_N" a randomized one, `torch.svd_lowrank` with N power
+iterations, much faster on large matrices). OLoRA (https://arxiv.org/abs/2406.01775) takes the
+QR decomposition W = Q R:   A = R[:r],  B = Q[:, :r].
+
+THE BASE MODEL IS MODIFIED IN PLACE. An adapter trained this way only works on top of W_res. To
+get a plain LoRA adapter that works on the original W, save the adapter once before training and
+pass that folder to `save_pretrained(..., path_initial_model_for_weight_conversion=...)` later
+(see `conversion.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+
+from ...errors import ConfigError
+
+if TYPE_CHECKING:
+    from .layer import LoraLayer
+
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_valid_base_weight_init(init_lora_weights: Union[bool, str]) -> bool:
+    """True for "pissa", "pissa_niter_<N>" and "olora"."""
+    if not isinstance(init_lora_weights, str):
+        return False
+    return init_lora_weights in ("pissa", "olora") or _PISSA_NITER.fullmatch(init_lora_weights) is not None
+
+
+def init_from_base_weight(layer: "LoraLayer", adapter_name: str, init_lora_weights: str) -> None:
+    """Set `lora_A` / `lora_B` of `adapter_name` from the base weight and replace it by the residual."""
+    base = layer.get_base_layer()
+    dtype = base.weight.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(
+            f"init_lora_weights={init_lora_weights!r} needs a float32/float16/bfloat16 base weight, got {dtype}; "
+            "initialise before quantizing (and quantize the residual model afterwards)."
+        )
+    rank = layer.r[adapter_name]
+    scaling = layer.scaling[adapter_name]
+    weight = layer.out_in_layout(base.weight).detach().to(torch.float32)
+    if rank > min(weight.shape):
+        raise ConfigError(
+            f"init_lora_weights={init_lora_weights!r} needs r <= min(in, out) = {min(weight.shape)}, got r={rank}; "
+            "lower r (or set rank_pattern for this module)."
+        )
+    if init_lora_weights == "olora":
+        weight_a, weight_b = _olora_factors(weight, rank)
+    else:
+        match = _PISSA_NITER.fullmatch(init_lora_weights)
+        weight_a, weight_b = _pissa_factors(weight, rank, scaling, int(match.group(1)) if match else None)
+    residual = weight - scaling * weight_b @ weight_a
+    with torch.no_grad():
+        layer.lora_A[adapter_name].weight.copy_(weight_a)
+        layer.lora_B[adapter_name].weight.copy_(weight_b)
+        base.weight.copy_(layer.out_in_layout(residual.to(dtype)))
+
+
+def _pissa_factors(weight: torch.Tensor, rank: int, scaling: float, niter: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) from the top-`rank` singular triplets, each factor carrying sqrt(S / scaling)."""
+    if niter is None:
+        left, singular, right_t = torch.linalg.svd(weight, full_matrices=False)
+        left, singular, right_t = left[:, :rank], singular[:rank], right_t[:rank]
+    else:
+        left, singular, right = torch.svd_lowrank(weight, rank, niter=niter)
+        right_t = right.t()
+    root = torch.diag(torch.sqrt(singular / scaling))
+    return root @ right_t, left @ root
+
+
+def _olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (R[:rank], Q[:, :rank]) of W = Q R."""
+    q, r = torch.linalg.qr(weight)
+    return r[:rank].contiguous(), q[:, :rank].contiguous()

@@ -1,0 +1,118 @@
+r"""Mixed-adapter batches: every row of a batch uses its own LoRA adapter (or none), in one pass.
+
+For Linear layers the adapters present in the batch are stacked, zero-padded to the largest rank,
+with each adapter's scaling folded into its B, and row 0 of the stack left zero for "__base__":
+
+    A_all: (n + 1, r_max, in)      B_all: (n + 1, out, r_max)
+    y_b = W x_b + B_all[i_b] (A_all[i_b] x_b)        (two batched matmuls over the rows b)
+
+so the cost grows with the batch size and r_max, not with the number of distinct adapters. The
+stacks are cached between calls when no gradient is needed (inference), keyed on the adapters'
+parameter versions. Embedding and Conv layers, which are cheap or rare targets, loop over the
+adapters present instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+
+import torch
+
+from ...errors import AdapterNameError, AdapterStateError
+from ...utils.adapter_names import BASE_ADAPTER_NAME
+
+
+def expand_to_batch(names: Sequence[str], batch: int) -> list[str]:
+    """One name per row; rows repeated by generate (beams, num_return_sequences) repeat the name."""
+    if batch % len(names):
+        raise AdapterStateError(
+            f"adapter_names has {len(names)} entries but the batch has {batch} rows; pass one name per row."
+        )
+    repeat = batch // len(names)
+    return [name for name in names for _ in range(repeat)]
+
+
+def row_index(names: Sequence[str], available: Container[str]) -> tuple[list[str], torch.Tensor]:
+    """(distinct adapters of this layer, in order of appearance; per-row index into [base] + distinct).
+
+    Rows whose adapter is "__base__" or does not wrap this layer get index 0 (no update).
+    """
+    distinct = list(dict.fromkeys(name for name in names if name in available))
+    lookup = {name: i + 1 for i, name in enumerate(distinct)}
+    return distinct, torch.tensor([lookup.get(name, 0) for name in names])
+
+
+def _stack(layer, distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_all (n+1, r_max, in) and B_all (n+1, out, r_max) with scalings folded into B."""
+    rank = max(layer.r[name] for name in distinct)
+    weight_a = layer.lora_A[distinct[0]].weight
+    a_all = weight_a.new_zeros(len(distinct) + 1, rank, layer.in_features)
+    b_all = weight_a.new_zeros(len(distinct) + 1, layer.out_features, rank)
+    parts_a = [torch.nn.functional.pad(layer.lora_A[n].weight, (0, 0, 0, rank - layer.r[n])) for n in distinct]
+    parts_b = [torch.nn.functional.pad(layer.lora_B[n].weight * layer.scaling[n], (0, rank - layer.r[n])) for n in distinct]
+    a_all = torch.cat([a_all[:1], torch.stack(parts_a)])
+    b_all = torch.cat([b_all[:1], torch.stack(parts_b)])
+    return a_all, b_all
+
+
+def _cached_stack(layer, distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    params = [p for name in distinct for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return _stack(layer, distinct)
+    key = (tuple(distinct), tuple(p._version for p in params), tuple(float(layer.scaling[n]) for n in distinct))
+    cache = layer.__dict__.get("_mixed_batch_cache")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            cache = (key, _stack(layer, distinct))
+        layer.__dict__["_mixed_batch_cache"] = cache
+    return cache[1]
+
+
+def _row_dropout(layer, x: torch.Tensor, distinct: list[str], index: torch.Tensor) -> torch.Tensor:
+    """Each row gets the dropout of its adapter (inverted dropout, only in training)."""
+    rates = [0.0] + [float(getattr(layer.lora_dropout[name], "p", 0.0)) for name in distinct]
+    if not layer.training or not any(rates):
+        return x
+    keep = (1.0 - torch.tensor(rates, device=x.device, dtype=x.dtype))[index.to(x.device)]
+    keep = keep.view(-1, *([1] * (x.dim() - 1)))
+    return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+def linear_delta(layer, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """Per-row LoRA update of a Linear / Conv1D layer, computed with two batched matmuls."""
+    names = expand_to_batch(names, x.shape[0])
+    distinct, index = row_index(names, layer.r)
+    if not distinct:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    a_all, b_all = _cached_stack(layer, distinct)
+    index = index.to(a_all.device)
+    rows = x.to(a_all.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+    rows = _row_dropout(layer, rows, distinct, index)
+    hidden = torch.bmm(rows, a_all[index].transpose(1, 2))  # (batch, tokens, r_max)
+    out = torch.bmm(hidden, b_all[index].transpose(1, 2))  # (batch, tokens, out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def looped_delta(layer, x: torch.Tensor, names: Sequence[str], adapter_output) -> torch.Tensor:
+    """Per-row update for Embedding / Conv layers: one sub-batch per distinct adapter."""
+    names = expand_to_batch(names, x.shape[0])
+    distinct, index = row_index(names, layer.r)
+    delta = None
+    for position, name in enumerate(distinct, start=1):
+        rows = (index == position).nonzero().flatten().to(x.device)
+        out = adapter_output(x.index_select(0, rows), name)
+        if delta is None:
+            delta = out.new_zeros((x.shape[0],) + out.shape[1:])
+        delta = delta.index_add(0, rows, out)
+    return delta if delta is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def check_names(names: Sequence[str], known: Sequence[str]) -> None:
+    """Every name must be a loaded adapter or "__base__"."""
+    if isinstance(names, str) or not len(names):
+        raise AdapterNameError("adapter_names must be a non-empty list with one adapter name per row.")
+    unknown = sorted({name for name in names if name != BASE_ADAPTER_NAME and name not in known})
+    if unknown:
+        raise AdapterNameError(
+            f"adapter_names lists unknown adapters {unknown}; known: {sorted(known)} (or {BASE_ADAPTER_NAME!r} for none)."
+        )

@@ -1,0 +1,256 @@
+"""(IA)^3: config, per-architecture defaults, the layer math by hand, and the shared property suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit import ConfigError, IA3Config, PeftConfig, TargetModulesError, get_peft_model
+from peftkit.tuners.ia3 import Conv, Linear
+from tests import properties as prop
+from tests.tiny_models import MODEL_FACTORIES, bert_seq_cls, gpt2, llama, t5
+
+CASES = ["llama", "gpt2", "bert", "t5"]
+# Attention-only targets: a second adapter that wraps fewer modules than the first.
+ATTENTION_TARGETS = {"llama": ["k_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["key", "value"], "t5": ["k", "v"]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls run much faster on one thread on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ia3(name: str, **overrides) -> IA3Config:
+    """Per-architecture default targets, random vectors (a non-trivial adapter), the case's task."""
+    kwargs = dict(init_ia3_weights=False, task_type=MODEL_FACTORIES[name].task_type)
+    kwargs.update(overrides)
+    return IA3Config(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_fields_and_defaults_match_peft():
+    peft = pytest.importorskip("peft")
+    ours = {f.name: f for f in dataclasses.fields(IA3Config)}
+    theirs = {f.name: f for f in dataclasses.fields(peft.IA3Config)}
+    assert set(ours) == set(theirs)
+    for name, their_field in theirs.items():
+        if name != "peft_type":  # peft sets it in __post_init__; ours is the field default
+            assert ours[name].default == their_field.default, name
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_modules": ["k", "v"], "feedforward_modules": ["wo"]}, r"feedforward_modules \['wo'\].*add it"),
+        ({"target_modules": ["k", 3]}, "strings"),
+        ({"feedforward_modules": 5}, "list of strings"),
+        ({"fan_in_fan_out": "yes"}, "fan_in_fan_out='yes'"),
+        ({"init_ia3_weights": 1}, "init_ia3_weights=1"),
+        ({"peft_type": "LORA"}, "must be 'IA3'"),
+    ],
+)
+def test_bad_fields_raise_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        IA3Config(**kwargs)
+
+
+def test_feedforward_names_may_select_full_path_targets():
+    """A saved "all-linear" config lists full paths; its short feed-forward names still load."""
+    IA3Config(target_modules=["model.layers.0.mlp.down_proj", "k_proj"], feedforward_modules=["down_proj"])
+    with pytest.raises(ConfigError, match="mlp.c_proj"):  # more specific than the target: as peft, refused
+        IA3Config(target_modules=["c_proj"], feedforward_modules=["mlp.c_proj"])
+
+
+def test_json_roundtrip(tmp_path):
+    config = IA3Config(target_modules=["k", "wo"], feedforward_modules=["wo"], task_type="SEQ_2_SEQ_LM")
+    config.save_pretrained(str(tmp_path))
+    loaded = PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(loaded, IA3Config)
+    assert loaded.target_modules == {"k", "wo"} and loaded.feedforward_modules == {"wo"}
+
+
+@pytest.mark.parametrize(
+    "factory, targets, feedforward",
+    [
+        (llama, {"k_proj", "v_proj", "down_proj"}, {"down_proj"}),
+        (gpt2, {"c_attn", "mlp.c_proj"}, {"mlp.c_proj"}),
+        (bert_seq_cls, {"key", "value", "output.dense"}, {"output.dense"}),
+        (t5, {"k", "v", "wo"}, {"wo"}),
+    ],
+)
+def test_default_targets_and_feedforward_per_architecture(factory, targets, feedforward):
+    model = get_peft_model(factory(), IA3Config())
+    config = model.peft_config["default"]
+    assert config.target_modules == targets and config.feedforward_modules == feedforward
+    layers = dict(model.base_model.tuner_layers())
+    assert {name.rpartition(".")[2] for name in layers} == {t.rpartition(".")[2] for t in targets}
+    # peft's feed-forward rule is a plain suffix test: "output.dense" also covers attention.output.dense
+    for name, layer in layers.items():
+        assert layer.is_feedforward == any(name.endswith(f) for f in feedforward), name
+
+
+def test_all_linear_with_short_feedforward_names():
+    model = get_peft_model(llama(), IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"]))
+    layers = dict(model.base_model.tuner_layers())
+    assert len(layers) == 2 * 7
+    assert sorted(n for n, layer in layers.items() if layer.is_feedforward) == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+
+
+def test_custom_model_needs_feedforward_modules():
+    with pytest.raises(ConfigError, match="feedforward_modules is not set"):
+        get_peft_model(nn.Sequential(nn.Linear(2, 2)), IA3Config(target_modules=["0"]))
+    with pytest.raises(ConfigError, match="target_modules is not set"):
+        get_peft_model(nn.Sequential(nn.Linear(2, 2)), IA3Config())
+    get_peft_model(nn.Sequential(nn.Linear(2, 2)), IA3Config(target_modules=["0"], feedforward_modules=[]))
+
+
+def test_unsupported_layer_names_supported_types():
+    with pytest.raises(TargetModulesError, match="Embedding.*Supported: torch.nn.Linear, transformers' Conv1D"):
+        get_peft_model(llama(), IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
+
+
+def test_fan_in_fan_out_follows_the_layer_with_a_warning():
+    with pytest.warns(UserWarning, match="fan_in_fan_out=False is wrong for Conv1D"):
+        model = get_peft_model(gpt2(), IA3Config())
+    assert model.peft_config["default"].fan_in_fan_out is True
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True is wrong for Linear"):
+        model = get_peft_model(llama(), IA3Config(fan_in_fan_out=True))
+    assert model.peft_config["default"].fan_in_fan_out is False
+
+
+# ---------------------------------------------------------------------------------------------- layer math
+def _wrapped(base: nn.Module, feedforward: bool) -> nn.Module:
+    config = IA3Config(target_modules=["0"], feedforward_modules=["0"] if feedforward else [], init_ia3_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(nn.Sequential(base), config)
+
+
+@pytest.mark.parametrize("feedforward", [False, True], ids=["attention", "feedforward"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d-gpt2"])
+def test_linear_scales_output_or_input_by_hand(kind, feedforward):
+    torch.manual_seed(0)
+    base = nn.Linear(5, 3) if kind == "linear" else Conv1D(3, 5)
+    model = _wrapped(base, feedforward)
+    layer = model.base_model.model[0]
+    assert isinstance(layer, Linear) and layer.fan_in_fan_out == (kind != "linear")
+    vector = layer.ia3_l["default"]
+    assert vector.shape == ((1, 5) if feedforward else (3, 1))
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        expected = base(x * vector.flatten()) if feedforward else base(x) * vector.flatten()
+        prop.assert_close(model(x), expected)
+        weight = base.weight.clone()
+        model.merge_adapter()
+        prop.assert_close(model(x), expected)
+        if kind == "linear" and not feedforward:
+            prop.assert_close(base.weight, weight * vector)  # row o of W times l[o]
+        model.unmerge_adapter()
+        assert torch.allclose(base.weight, weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("feedforward", [False, True], ids=["attention", "feedforward"])
+@pytest.mark.parametrize("conv_cls", [nn.Conv2d, nn.Conv3d])
+def test_conv_merge_matches_forward(conv_cls, feedforward, groups):
+    torch.manual_seed(0)
+    base = conv_cls(4, 6, 3, padding=1, groups=groups)
+    model = _wrapped(base, feedforward)
+    layer = model.base_model.model[0]
+    assert isinstance(layer, Conv)
+    x = torch.randn(2, 4, *(5,) * (base.weight.dim() - 2))
+    vector = layer.ia3_l["default"].flatten()
+    with torch.no_grad():
+        view = (-1,) + (1,) * (base.weight.dim() - 2)
+        expected = base(x * vector.view(view)) if feedforward else base(x) * vector.view(view)
+        prop.assert_close(model(x), expected)
+        prop.assert_close(model(x[0]), expected[0])  # unbatched input
+        model.merge_adapter()
+        prop.assert_close(model(x), expected)
+
+
+def test_two_active_adapters_multiply_and_merge():
+    torch.manual_seed(0)
+    model = _wrapped(nn.Linear(5, 3), feedforward=False)
+    model.add_adapter("other", IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    layer = model.base_model.model[0]
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        expected = layer.base_layer(x) * (layer.ia3_l["default"] * layer.ia3_l["other"]).flatten()
+        prop.assert_close(model(x), expected)
+        model.merge_adapter()
+        assert layer.merged_adapters == ["default", "other"]
+        prop.assert_close(model(x), expected)
+
+
+def test_safe_merge_refuses_non_finite_vectors():
+    from peftkit import AdapterStateError
+
+    model = _wrapped(nn.Linear(5, 3), feedforward=False)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.ia3_l["default"][0, 0] = float("inf")
+    weight = layer.base_layer.weight.clone()
+    with pytest.raises(AdapterStateError, match="NaN/inf"):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
+
+
+# ---------------------------------------------------------------------------------------------- properties
+@pytest.fixture(params=CASES)
+def case(request):
+    return request.param, MODEL_FACTORIES[request.param]
+
+
+def test_fresh_adapter_is_noop(case):
+    name, tiny = case
+    prop.fresh_adapter_is_noop(tiny.make_model, tiny.make_inputs(), ia3(name, init_ia3_weights=True))
+
+
+def test_merge_equals_unmerged(case):
+    name, tiny = case
+    prop.check_merge_equals_unmerged(tiny.make_model, tiny.make_inputs(), ia3(name))
+
+
+def test_merge_unmerge_restores_weights(case):
+    name, tiny = case
+    prop.check_merge_unmerge_restores_weights(tiny.make_model, ia3(name))
+
+
+def test_disable_gives_base(case):
+    name, tiny = case
+    prop.check_disable_gives_base(tiny.make_model, tiny.make_inputs(), ia3(name))
+
+
+def test_save_load_roundtrip(case, tmp_path):
+    name, tiny = case
+    prop.check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), ia3(name), tmp_path)
+
+
+def test_only_adapter_params_train(case):
+    name, tiny = case
+    prop.check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), ia3(name))
+
+
+def test_adapters_switch(case):
+    name, tiny = case
+    second = ia3(name, target_modules=ATTENTION_TARGETS[name], feedforward_modules=[])
+    prop.check_adapters_switch(tiny.make_model, tiny.make_inputs(), ia3(name), second)
+
+
+def test_training_lowers_loss(case):
+    name, tiny = case
+    prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), ia3(name, init_ia3_weights=True), lr=5e-2)

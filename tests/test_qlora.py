@@ -1,0 +1,188 @@
+"""QLoRA: LoRA over quantized bases (peftkit's Linear4bit/Linear8bit and bitsandbytes' layers)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BitsAndBytesConfig
+
+import peftkit.quantization  # noqa: F401  (registers the quantized-layer dispatcher)
+from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peftkit.errors import ConfigError
+from peftkit.quantization import Linear4bit, Linear8bit, QuantizationConfig, QuantizedLinear, dequantize_model, quantize_model
+from tests.bnb_helpers import bnb, bnb_quantize_model, needs_bnb
+from tests.tiny_models import llama, lm_inputs
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def seeds_config(**overrides) -> LoraConfig:
+    kwargs = dict(r=16, lora_alpha=32, target_modules=ATTENTION, lora_dropout=0.05, task_type=TaskType.CAUSAL_LM)
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+def quantized_llama(**config) -> torch.nn.Module:
+    config = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, **config}
+    return quantize_model(llama(), QuantizationConfig(**config))
+
+
+def randomize_adapters(model: PeftModel, std: float = 0.2) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, std)
+
+
+def test_seeds_qlora_flow_trains_saves_and_loads(tmp_path):
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(quantize_model(llama(), bnb_config))
+    model = get_peft_model(model, seeds_config())
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    inputs = lm_inputs()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+    model.eval()
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == 2 * 4 * 2  # (A, B) x 4 targets x 2 layers
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        fresh = quantize_model(llama(), bnb_config)
+        loaded = PeftModel.from_pretrained(fresh, tmp_path)
+        assert torch.allclose(loaded(**inputs).logits, expected, atol=1e-4)
+
+
+def test_saved_qlora_adapter_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = get_peft_model(quantized_llama(), seeds_config(lora_dropout=0.0))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(llama(), str(tmp_path))
+    ours = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(param, ours[name]), name
+
+
+def test_parameter_counts_match_peft_on_bitsandbytes_model():
+    peft = pytest.importorskip("peft")
+    if bnb is None:
+        pytest.skip("bitsandbytes (test-only reference) is not usable here")
+    ours = get_peft_model(quantized_llama(), seeds_config())
+    theirs = peft.get_peft_model(bnb_quantize_model(llama()), peft.LoraConfig(
+        r=16, lora_alpha=32, target_modules=ATTENTION, lora_dropout=0.05, task_type="CAUSAL_LM"))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("quant", [{"load_in_4bit": True}, {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+                                   {"load_in_8bit": True, "load_in_4bit": False}], ids=["nf4", "fp4", "int8"])
+def test_merge_requantizes_and_unmerge(quant):
+    model = get_peft_model(quantized_llama(**quant), seeds_config(lora_dropout=0.0))
+    randomize_adapters(model, std=0.05)  # a trained-size update: small next to the weights
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    base = layer.get_base_layer()
+    base_type = Linear8bit if quant.get("load_in_8bit") else Linear4bit
+    before = base.dequantize_weight(torch.float32)
+    delta = layer.get_delta_weight("default").detach()
+    expected_merged = type(base).from_linear(_dense(before + delta), **_settings(base)).dequantize_weight(torch.float32)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="re-quantizes"):
+            model.merge_adapter()
+        assert layer.merged and isinstance(layer.get_base_layer(), base_type)
+        assert torch.equal(layer.get_base_layer().dequantize_weight(torch.float32), expected_merged)
+        model.unmerge_adapter()
+    assert not layer.merged
+    restored = layer.get_base_layer().dequantize_weight(torch.float32)
+    # Two roundings (merge, unmerge), each at most half a code gap of the merged block's absmax.
+    assert (restored - before).abs().max() < 0.5 * (before + delta).abs().max()
+    assert (restored - before).abs().mean() < 0.1 * before.abs().mean()
+
+
+def _dense(weight: torch.Tensor) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data.copy_(weight)
+    return linear
+
+
+def _settings(base) -> dict:
+    if isinstance(base, Linear4bit):
+        return {"quant_type": base.quant_type, "double_quant": base.double_quant}
+    return {}
+
+
+def test_merge_and_unload_keeps_quantized_base_or_exact_dense():
+    inputs = lm_inputs()
+    model = get_peft_model(quantized_llama(), seeds_config(lora_dropout=0.0))
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unloaded = model.merge_and_unload()
+    assert isinstance(unloaded.model.layers[0].self_attn.q_proj, Linear4bit)
+
+    model = get_peft_model(quantized_llama(), seeds_config(lora_dropout=0.0))
+    randomize_adapters(model)
+    dense = dequantize_model(model).merge_and_unload()
+    assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(dense(**inputs).logits, expected, atol=1e-4)
+
+
+def test_disable_adapter_gives_quantized_base():
+    base = quantized_llama()
+    inputs = lm_inputs()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = get_peft_model(base, seeds_config(lora_dropout=0.0))
+    randomize_adapters(model)
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.allclose(model(**inputs).logits, expected, atol=1e-5)
+
+
+def test_dora_and_pissa_refused_on_quantized_base():
+    with pytest.raises(ConfigError, match="use_dora"):
+        get_peft_model(quantized_llama(), seeds_config(use_dora=True))
+    with pytest.raises(ConfigError, match="pissa"):
+        get_peft_model(quantized_llama(), seeds_config(init_lora_weights="pissa"))
+
+
+@needs_bnb
+@pytest.mark.parametrize("four_bit", [True, False], ids=["Linear4bit", "Linear8bitLt"])
+def test_lora_over_bitsandbytes_layers_matches_ours(four_bit):
+    inputs = lm_inputs()
+    quant = {"load_in_4bit": True, "bnb_4bit_use_double_quant": True} if four_bit else {"load_in_8bit": True}
+    ours = get_peft_model(quantize_model(llama(), QuantizationConfig(**quant)), seeds_config(lora_dropout=0.0))
+    theirs = get_peft_model(bnb_quantize_model(llama(), four_bit=four_bit), seeds_config(lora_dropout=0.0))
+    assert isinstance(theirs.base_model.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    randomize_adapters(ours)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    with torch.no_grad():
+        expected = ours(**inputs).logits
+        got = theirs(**inputs).logits
+        # Same codes, same math; int8 differs only in bitsandbytes' fp16 round trip of the weight.
+        assert torch.allclose(got, expected, atol=1e-4 if four_bit else 2e-2)
+        with pytest.warns(UserWarning, match="re-quantizes"):
+            theirs.merge_adapter()
+        assert theirs.base_model.model.model.layers[0].self_attn.q_proj.merged
+        assert torch.isfinite(theirs(**inputs).logits).all()
+        theirs.unmerge_adapter()
+    loss = theirs(**inputs).loss
+    loss.backward()
+    assert theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad is not None
