@@ -143,7 +143,7 @@ def test_bin_weights_load_only_tensors(tmp_path):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
 
     torch.save({"x": Evil()}, str(tmp_path / "adapter_model.bin"))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
         PeftModel.from_pretrained(llama(), str(tmp_path))
     assert not (tmp_path / "pwned").exists()
 

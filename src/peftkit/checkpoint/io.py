@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
@@ -74,6 +75,11 @@ def read_weights_file(path: str, device: str = "cpu") -> dict[str, torch.Tensor]
         if path.endswith(".safetensors"):
             return load_file(path, device=device)
         state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path!r} holds pickled Python objects besides tensors; peftkit loads weights only "
+            "(torch.load(weights_only=True)) and never runs code from a checkpoint. Re-save it as safetensors."
+        ) from exc
     except Exception as exc:  # safetensors, pickle and OS errors all mean the same to the user
         raise CheckpointError(
             f"Adapter weights {path!r} are corrupt or truncated ({type(exc).__name__}: {exc}); "
