@@ -250,3 +250,15 @@ def test_auto_peft_model_loads_base_and_adapter_from_disk(tmp_path):
     get_peft_model(llama(), lora(target_modules=["q_proj"])).save_pretrained(str(anonymous))
     with pytest.raises(ConfigError, match="does not name its base model"):
         AutoPeftModelForCausalLM.from_pretrained(str(anonymous))
+
+
+def test_wrapping_twice_and_shadowing_names_are_refused():
+    from peftkit import ConfigError
+
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="PeftModel already; add more adapters with model.add_adapter"):
+        get_peft_model(model, lora(target_modules=["q_proj"]))
+    with pytest.raises(AdapterNameError, match="clashes with a torch.nn.Module attribute"):
+        model.add_adapter("double", lora(target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="mixed=True"):
+        get_peft_model(llama(), lora(target_modules=["q_proj"]), mixed=True)
