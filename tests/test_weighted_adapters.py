@@ -85,3 +85,19 @@ def test_bad_requests_give_clear_errors():
     with pytest.raises(ConfigError, match="Unknown combination_type"):
         model.add_weighted_adapter(["default", "other"], [1, 1], "mix", combination_type="average")
     assert set(model.peft_config) == {"default", "other"}
+
+
+@pytest.mark.parametrize("writer", ["peft", "peftkit"])
+def test_weighted_adapter_checkpoints_move_between_libraries(writer, tmp_path):
+    peft = pytest.importorskip("peft")
+    import peftkit
+
+    libraries = {"peft": peft, "peftkit": peftkit}
+    reader = "peftkit" if writer == "peft" else "peft"
+    model = _two_adapters(libraries[writer])
+    model.add_weighted_adapter(["default", "other"], [0.5, -0.8], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    expected = output_of(model, lm_inputs())
+    model.save_pretrained(str(tmp_path), selected_adapters=["mix"])
+    loaded = libraries[reader].PeftModel.from_pretrained(llama(), str(tmp_path / "mix"))
+    assert_close(output_of(loaded, lm_inputs()), expected)
