@@ -2,17 +2,33 @@
 
 The config mirrors transformers' `BitsAndBytesConfig` field names, and `quantize_model` accepts a
 `BitsAndBytesConfig` as it is, so code written for bitsandbytes keeps its config object.
+
+A quantized model's state dict holds everything its layers need (packed codes, absmax constants,
+biases), and its shapes follow from the layer sizes and the config alone, so a saved model comes
+back exactly by quantizing a fresh model of the same architecture and loading the state dict:
+
+    save_quantized_model(model, "out")               # weights + quantization config (+ model config)
+    model = load_quantized_model(LlamaForCausalLM, "out")      # or a fresh model instance
+
+    # by hand, the same thing:
+    torch.save(model.state_dict(), "q.pt")
+    fresh = quantize_model(make_model(), config)
+    fresh.load_state_dict(torch.load("q.pt"))
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..checkpoint.io import commit_files, read_weights_file, text_writer, weights_writer
+from ..errors import CheckpointError, ConfigError
 from .formats import BLOCKSIZE_4BIT, QUANT_TYPES
 from .linear import DTypeLike, Linear4bit, Linear8bit, QuantizedLinearBase, as_dtype
 
@@ -117,4 +133,69 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(model, flag, False):
             setattr(model, flag, False)
+    return model
+
+
+QUANTIZED_WEIGHTS_NAME = "quantized_model.safetensors"
+QUANTIZATION_CONFIG_NAME = "peftkit_quantization_config.json"
+MODEL_CONFIG_NAME = "config.json"
+
+
+def _config_to_dict(config: QuantizationConfig) -> dict[str, Any]:
+    values = dataclasses.asdict(config)
+    values["bnb_4bit_compute_dtype"] = str(config.bnb_4bit_compute_dtype).removeprefix("torch.")
+    return values
+
+
+def save_quantized_model(model: nn.Module, save_directory: str) -> None:
+    """Save a `quantize_model`-ed model: its whole state dict, its `QuantizationConfig` and its
+    transformers `config` (when it has one), as `load_quantized_model` reads them back.
+    """
+    config = getattr(model, "peftkit_quantization_config", None)
+    if config is None:
+        raise ConfigError(
+            f"{type(model).__name__} was not quantized by peftkit.quantization.quantize_model; "
+            "call quantize_model(model, config) first, or save it with its own save_pretrained()."
+        )
+    writers = {
+        QUANTIZED_WEIGHTS_NAME: weights_writer(model.state_dict()),
+        QUANTIZATION_CONFIG_NAME: text_writer(json.dumps(_config_to_dict(config), indent=2, sort_keys=True)),
+    }
+    model_config = getattr(model, "config", None)
+    if hasattr(model_config, "to_json_string"):
+        writers[MODEL_CONFIG_NAME] = text_writer(model_config.to_json_string())
+    commit_files(save_directory, writers)
+
+
+def load_quantized_model(model: Union[nn.Module, type], save_directory: str) -> nn.Module:
+    """Rebuild a model saved by `save_quantized_model`, with exactly its codes and constants.
+
+    Args:
+        model: a fresh, not yet quantized model of the saved architecture (its weights are
+            replaced), or a transformers model class, built from the saved `config.json`.
+        save_directory: the folder `save_quantized_model` wrote.
+    """
+    config_path = os.path.join(save_directory, QUANTIZATION_CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(
+            f"{save_directory!r} has no {QUANTIZATION_CONFIG_NAME}; it was not written by save_quantized_model()."
+        )
+    with open(config_path, encoding="utf-8") as handle:
+        config = QuantizationConfig.from_any(json.load(handle))
+    if isinstance(model, type):
+        config_class = getattr(model, "config_class", None)
+        if config_class is None:
+            raise ConfigError(
+                f"{model.__name__} is not a transformers model class; pass a fresh model instance instead."
+            )
+        model = model(config_class.from_pretrained(save_directory))
+    if getattr(model, "peftkit_quantization_config", None) is None:
+        quantize_model(model, config)
+    elif model.peftkit_quantization_config != config:
+        raise ConfigError(
+            f"The model is already quantized with {model.peftkit_quantization_config}, not the saved {config}; "
+            "pass a model that is not quantized yet."
+        )
+    state = read_weights_file(os.path.join(save_directory, QUANTIZED_WEIGHTS_NAME))
+    model.load_state_dict(state, strict=True)
     return model

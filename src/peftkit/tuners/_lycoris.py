@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -282,6 +282,12 @@ def conv_fn(layer: LycorisLayer) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- tuner
+#: Extra layer factories (e.g. peftkit.quantization's, for quantized bases), newest first:
+#: `dispatch(layer_cls, target, adapter_name, **layer_kwargs)` returns a layer of the method
+#: `layer_cls` (LoHa or LoKr) for targets it handles, else None; the built-in rules come after.
+LYCORIS_DISPATCHERS: list[Callable[..., Optional[LycorisLayer]]] = []
+
+
 class LycorisTuner(BaseTuner):
     """Wraps targeted Linear / Conv1D / Conv1d / Conv2d modules in the method's layer class."""
 
@@ -307,6 +313,13 @@ class LycorisTuner(BaseTuner):
         }
         if isinstance(target, self.layer_cls):
             target.update_layer(adapter_name, **kwargs)
+            return
+        candidates = (
+            dispatch(self.layer_cls, target, adapter_name, **kwargs) for dispatch in reversed(LYCORIS_DISPATCHERS)
+        )
+        dispatched = next((module for module in candidates if module is not None), None)
+        if dispatched is not None:
+            replace_module(parent, target_name, dispatched)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)):

@@ -16,7 +16,7 @@ Unmerging divides again; entries of l that are exactly zero cannot be undone (wa
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -187,3 +187,9 @@ class Conv(IA3Layer):
 
     def _activation_factor(self, vector: torch.Tensor) -> torch.Tensor:
         return vector.reshape(-1, *(1,) * self.kernel_dims)  # (channels, 1, 1): batched or not
+
+
+#: Extra layer factories (e.g. peftkit.quantization's, for quantized bases), newest first:
+#: `dispatch(target, adapter_name, is_feedforward=..., init_ia3_weights=...)` returns an
+#: `IA3Layer` for targets it handles, else None; the built-in Linear/Conv rules come after.
+IA3_DISPATCHERS: list[Callable[..., Optional[IA3Layer]]] = []

@@ -19,7 +19,7 @@ from .._core.module_tree import replace_module
 from .._core.tuner import BaseTuner
 from .config import IA3Config
 from .constants import IA3_FEEDFORWARD_MODULES_BY_MODEL_TYPE, IA3_TARGET_MODULES_BY_MODEL_TYPE
-from .layer import Conv, IA3Layer, Linear
+from .layer import IA3_DISPATCHERS, Conv, IA3Layer, Linear
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d and torch.nn.Conv3d"
 
@@ -80,6 +80,11 @@ class IA3Model(BaseTuner):
             "init_ia3_weights": config.init_ia3_weights,
         }
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        candidates = (dispatch(target, adapter_name, **kwargs) for dispatch in reversed(IA3_DISPATCHERS))
+        dispatched = next((module for module in candidates if module is not None), None)
+        if dispatched is not None:
+            replace_module(parent, target_name, dispatched)
+            return
         if isinstance(base, (nn.Conv2d, nn.Conv3d)):
             new_module: IA3Layer = Conv(target, adapter_name, **kwargs)
         elif isinstance(base, (nn.Linear, Conv1D)):
