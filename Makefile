@@ -42,7 +42,7 @@ demo: $(STAMP_SETUP)
 	$(PY) -m peftkit.demo
 
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist out .pytest_cache .hypothesis src/*.egg-info
