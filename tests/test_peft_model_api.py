@@ -262,3 +262,13 @@ def test_wrapping_twice_and_shadowing_names_are_refused():
         model.add_adapter("double", lora(target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="mixed=True"):
         get_peft_model(llama(), lora(target_modules=["q_proj"]), mixed=True)
+
+
+def test_save_from_a_given_state_dict_matches_names_and_refuses_a_foreign_one(tmp_path):
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    wrapped = {"module." + name: tensor.clone() for name, tensor in model.state_dict().items()}  # DDP-style names
+    from_given = get_peft_model_state_dict(model, state_dict=wrapped)
+    assert from_given.keys() == get_peft_model_state_dict(model).keys()
+    assert all(torch.equal(from_given[k], v) for k, v in get_peft_model_state_dict(model).items())
+    with pytest.raises(CheckpointError, match="holds none of its tensors"):
+        model.save_pretrained(str(tmp_path), state_dict={"unrelated.weight": torch.zeros(1)})

@@ -14,6 +14,7 @@ from .auto import (
 )
 from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig
+from .distributed import fsdp_auto_wrap_policy
 from .errors import AdapterNameError, AdapterStateError, CheckpointError, ConfigError, PeftkitError, TargetModulesError
 from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
 from .optimizers import create_loraplus_optimizer
@@ -89,6 +90,7 @@ __all__ = [
     "TargetModulesError",
     "TaskType",
     "create_loraplus_optimizer",
+    "fsdp_auto_wrap_policy",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",

@@ -54,6 +54,8 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str = "default") -> dict[
     state: dict[str, torch.Tensor] = {}
     for name, module in tree.named_modules():
         if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            # Keys are checkpoint keys: FSDP1 / activation-checkpoint wrappers' segments are not part of them.
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
             state.update(module.adapter_state(adapter_name, name))
     if tuner is not None and adapter_name in tuner.peft_config:
         state.update(tuner.extra_adapter_state(adapter_name))
@@ -86,10 +88,38 @@ def get_peft_model_state_dict(
     if state_dict is None:
         result = {key: tensor.detach() for key, tensor in live.items()}
     else:
-        names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
-        result = {key: state_dict[names[id(t)]] for key, t in live.items() if names.get(id(t)) in state_dict}
+        result = _take_from_state_dict(model, live, state_dict, adapter_name)
     if tuner is not None and adapter_name in tuner.peft_config:
         result = tuner.state_for_save(adapter_name, result, prefix)
+    return result
+
+
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the segments DDP, FSDP1, checkpoint wrappers and torch.compile add."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _take_from_state_dict(
+    model: nn.Module, live: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], adapter_name: str
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors picked from a full state dict (e.g. gathered by FSDP), by parameter name."""
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    names = {id(tensor): _unwrapped_name(name) for name, tensor in named}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), _unwrapped_name(name))
+    given = {_unwrapped_name(name): tensor for name, tensor in state_dict.items()}
+    result = {key: given[names[id(t)]] for key, t in live.items() if names.get(id(t)) in given}
+    if live and not result:
+        raise CheckpointError(
+            f"The state_dict passed to save adapter {adapter_name!r} holds none of its tensors (e.g. "
+            f"{next(iter(live))}); pass the full state dict of this model, or use "
+            "peftkit.distributed.save_pretrained_distributed under FSDP1."
+        )
     return result
 
 
