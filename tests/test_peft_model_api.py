@@ -272,3 +272,12 @@ def test_save_from_a_given_state_dict_matches_names_and_refuses_a_foreign_one(tm
     assert all(torch.equal(from_given[k], v) for k, v in get_peft_model_state_dict(model).items())
     with pytest.raises(CheckpointError, match="holds none of its tensors"):
         model.save_pretrained(str(tmp_path), state_dict={"unrelated.weight": torch.zeros(1)})
+
+
+def test_activation_checkpointing_enable_takes_transformers_5_keywords():
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1)
+    assert model.get_base_model().is_activation_checkpointing
+    model.train()
+    model(**lm_inputs()).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)

@@ -151,17 +151,22 @@ class PeftModel(nn.Module):
         elif hasattr(model, "get_input_embeddings"):
             model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
-        """Turn on activation checkpointing in the base model, with gradients reaching the adapters."""
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """Turn on activation checkpointing in the base model, with gradients reaching the adapters.
+
+        Same signature as transformers 5's `PreTrainedModel.activation_checkpointing_enable`
+        (extra keywords such as `every_n_layers` pass through).
+        """
         model = self.get_base_model()
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         self._enable_input_require_grads()
 
-    activation_checkpointing_enable = gradient_checkpointing_enable
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """peft's / transformers 4's name for `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -175,6 +175,7 @@ def evaluate(model: nn.Module, tokenizer: Any, rows: Sequence[dict], settings: T
 
 
 def steps_per_epoch(n_rows: int, settings: TrainSettings) -> int:
+    """Optimizer steps in one epoch of `n_rows` examples."""
     batches_per_epoch = (n_rows + settings.batch_size - 1) // settings.batch_size
     return max(1, (batches_per_epoch + settings.grad_accum - 1) // settings.grad_accum)
 
@@ -261,7 +262,11 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 1 if failures else 0
 
 
-def _verify(settings, tokenizer, eval_rows, names, before, after, stats, metrics) -> list[str]:
+def _verify(
+    settings: TrainSettings, tokenizer: Any, eval_rows: Sequence[dict], names: list[str],
+    before: dict[str, Any], after: dict[str, Any], stats: dict[str, Any], metrics: dict[str, Any],
+) -> list[str]:
+    """The --verify checks: eval metric improved, reload reproduces logits, train loss fell."""
     failures = []
     key = "eval_accuracy" if settings.task == "seq-cls" else "eval_loss"
     if eval_rows:
