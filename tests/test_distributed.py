@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -125,9 +126,18 @@ def torchrun(script: str, *args: str, timeout: float = 120) -> subprocess.Comple
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
+    # A new session, so that a hang kills the launcher and every rank, not the launcher alone.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +238,5 @@ def test_example_script_runs_under_torchrun(tmp_path):
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+    sys.stdout.flush()
+    os._exit(0)  # skip teardown: gloo's process-group destructor can deadlock on the GIL at exit

@@ -50,7 +50,49 @@ def store_dense_weight(base: nn.Module, weight: torch.Tensor) -> None:
         bnb.requantize(base, weight)
 
 
-class QuantizedLinear(LoraLinear):
+class RequantizingMergeMixin:
+    """Additive merging over a quantized base: dequantize -> add delta_W -> re-quantize.
+
+    Put it before the method's layer class (LoRA, LoHa, LoKr); a dense base uses the method's own merge.
+    """
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W_q <- quantize(dequantize(W_q) + sum delta_W); the method's plain merge if the base is dense."""
+        base = self.get_base_layer()
+        if not is_quantized_linear(base):
+            super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            return
+        names = self._adapters_to_merge(adapter_names)
+        if not names:
+            return
+        warnings.warn(REQUANTIZE_WARNING, stacklevel=2)
+        weight = dense_weight(base)
+        for name in names:
+            merged = weight + self.get_delta_weight(name).detach().to(weight)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise AdapterStateError(
+                    f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
+                )
+            weight = merged
+        with torch.no_grad():
+            store_dense_weight(base, weight)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """W_q <- quantize(dequantize(W_q) - sum delta_W) (approximate: both steps round)."""
+        base = self.get_base_layer()
+        if not is_quantized_linear(base) or not self.merged:
+            super().unmerge()
+            return
+        weight = dense_weight(base)
+        for name in reversed(self.merged_adapters):
+            weight = weight - self.get_delta_weight(name).detach().to(weight)
+        with torch.no_grad():
+            store_dense_weight(base, weight)
+        self.merged_adapters.clear()
+
+
+class QuantizedLinear(RequantizingMergeMixin, LoraLinear):
     """LoRA over a quantized linear base; adapters are float32 whatever the compute dtype."""
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, **kwargs: Any) -> None:
@@ -66,41 +108,6 @@ class QuantizedLinear(LoraLinear):
             f"init_lora_weights={init_lora_weights!r} rewrites the base weight, which is quantized here; "
             "use init_lora_weights=True or 'gaussian'."
         )
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W_q <- quantize(dequantize(W_q) + sum delta); plain LoRA merge if the base was dequantized."""
-        base = self.get_base_layer()
-        if not is_quantized_linear(base):
-            super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-            return
-        names = self._adapters_to_merge(adapter_names)
-        if not names:
-            return
-        warnings.warn(REQUANTIZE_WARNING, stacklevel=2)
-        weight = dense_weight(base)
-        for name in names:
-            merged = weight + self.get_delta_weight(name).to(weight)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise AdapterStateError(
-                    f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
-                )
-            weight = merged
-        with torch.no_grad():
-            store_dense_weight(base, weight)
-        self.merged_adapters.extend(names)
-
-    def unmerge(self) -> None:
-        """W_q <- quantize(dequantize(W_q) - sum delta) (approximate: both steps round)."""
-        base = self.get_base_layer()
-        if not is_quantized_linear(base) or not self.merged:
-            super().unmerge()
-            return
-        weight = dense_weight(base)
-        for name in reversed(self.merged_adapters):
-            weight = weight - self.get_delta_weight(name).to(weight)
-        with torch.no_grad():
-            store_dense_weight(base, weight)
-        self.merged_adapters.clear()
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         weight = dense_weight(self.get_base_layer())
