@@ -144,8 +144,10 @@ class DoraVariant:
         else:
             bias = layer.bias
             base_without_bias = base_output if bias is None else base_output - bias.view(factor.shape)
-        low_rank = layer.low_rank_output(x, adapter_name)
-        return (factor - 1) * base_without_bias + factor * low_rank
+        # f * (s B A x) with f folded into B's rows where the layer can (an (out, r) multiply
+        # instead of one over the whole output, forward and backward); then one addcmul.
+        low_rank = layer.rescaled_low_rank_output(x, adapter_name, factor)
+        return torch.addcmul(low_rank, factor - 1, base_without_bias)
 
     @staticmethod
     def merge_factor(layer: "LoraLayer", adapter_name: str) -> torch.Tensor:

@@ -36,6 +36,7 @@ from ...errors import AdapterStateError, ConfigError, TargetModulesError
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .dora import DoraVariant
+from .fused import fast_mask_supported, low_rank_delta
 from .mixed_batch import linear_delta, looped_delta
 from .init import init_from_base_weight, is_valid_base_weight_init
 
@@ -158,6 +159,10 @@ class LoraLayer(BaseTunerLayer):
         lora_a = self.lora_A[adapter_name]
         return self.lora_B[adapter_name](lora_a(x.to(lora_a.weight.dtype))) * self.scaling[adapter_name]
 
+    def rescaled_low_rank_output(self, x: torch.Tensor, adapter_name: str, channel_scale: torch.Tensor) -> torch.Tensor:
+        """channel_scale * scaling * B(A(x)), `channel_scale` shaped like DoRA's magnitude; no dropout."""
+        return channel_scale * self.low_rank_output(x, adapter_name)
+
     def _lora_delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """scaling * B(A(dropout(x))): a plain LoRA adapter's term."""
         if self.drops_input:
@@ -261,6 +266,24 @@ class Linear(LoraLayer, nn.Module):
     def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
         return linear_delta(self, x, self.batch_adapter_names)
 
+    def rescaled_low_rank_output(self, x: torch.Tensor, adapter_name: str, channel_scale: torch.Tensor) -> torch.Tensor:
+        """As the base class, with the per-channel scale folded into B's rows: (out, r) work, not (tokens, out)."""
+        lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if not _plain_modules(lora_a, lora_b) or torch.is_autocast_enabled(x.device.type):
+            return super().rescaled_low_rank_output(x, adapter_name, channel_scale)
+        weight_b = lora_b.weight * channel_scale.view(-1, 1).to(lora_b.weight.dtype)
+        return low_rank_delta(x.to(lora_a.weight.dtype), lora_a.weight, weight_b, self.scaling[adapter_name], 0.0, False)
+
+    def _lora_delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """scaling * B(A(dropout(x))), through the fused `LowRankDelta` where nothing observes the modules."""
+        lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropout = self.lora_dropout[adapter_name]
+        if not _plain_modules(lora_a, lora_b, dropout) or torch.is_autocast_enabled(x.device.type):
+            return super()._lora_delta_output(x, adapter_name)
+        weight_a = lora_a.weight
+        return low_rank_delta(x.to(weight_a.dtype), weight_a, lora_b.weight, self.scaling[adapter_name],
+                              getattr(dropout, "p", 0.0), dropout.training)
+
     def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
         init_from_base_weight(self, adapter_name, init_lora_weights)
 
@@ -275,6 +298,19 @@ class Linear(LoraLayer, nn.Module):
         """delta_W = scaling * B A, transposed for (in, out)-stored bases."""
         delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
+
+
+def _plain_modules(lora_a: nn.Module, lora_b: nn.Module, dropout: Optional[nn.Module] = None) -> bool:
+    """Whether A, B (and the dropout) are the stock modules, with no hooks that the fused path would skip."""
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
+        return False
+    if type(dropout) is nn.Dropout:
+        if dropout.inplace or not fast_mask_supported(dropout.p):
+            return False
+    elif dropout is not None and type(dropout) is not nn.Identity:
+        return False
+    modules = (lora_a, lora_b) if dropout is None else (lora_a, lora_b, dropout)
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class Embedding(LoraLayer, nn.Module):

@@ -7,8 +7,9 @@ with each adapter's scaling folded into its B, and row 0 of the stack left zero 
     y_b = W x_b + B_all[i_b] (A_all[i_b] x_b)        (two batched matmuls over the rows b)
 
 so the cost grows with the batch size and r_max, not with the number of distinct adapters. The
-stacks are cached between calls when no gradient is needed (inference), keyed on the adapters'
-parameter versions. Embedding and Conv layers, which are cheap or rare targets, loop over the
+per-row stacks are cached between calls when no gradient is needed (inference), keyed on the row
+names and the adapters' parameter versions; a batch whose rows all use one adapter takes the plain
+single-adapter path. Embedding and Conv layers, which are cheap or rare targets, loop over the
 adapters present instead.
 """
 
@@ -42,6 +43,16 @@ def row_index(names: Sequence[str], available: Container[str]) -> tuple[list[str
     return distinct, torch.tensor([lookup.get(name, 0) for name in names])
 
 
+def _cached_row_index(layer, names: list[str]) -> tuple[list[str], torch.Tensor]:
+    """`row_index` for this layer, remembered for the same names (each decode step repeats them)."""
+    key = (tuple(names), tuple(layer.r))
+    cached = layer.__dict__.get("_mixed_batch_rows")
+    if cached is None or cached[0] != key:
+        cached = (key, row_index(names, layer.r))
+        layer.__dict__["_mixed_batch_rows"] = cached
+    return cached[1]
+
+
 def _stack(layer, distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """A_all (n+1, r_max, in) and B_all (n+1, out, r_max) with scalings folded into B."""
     rank = max(layer.r[name] for name in distinct)
@@ -55,15 +66,26 @@ def _stack(layer, distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return a_all, b_all
 
 
-def _cached_stack(layer, distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_stacks(layer, names: list[str], distinct: list[str], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row A (batch, r_max, in) and B (batch, out, r_max), cached while no gradient is needed.
+
+    The cache holds the gathered per-row stacks, keyed on the row names and the adapters' parameter
+    versions, so a decode step (one token per row, the same names every step) does no stacking or
+    gathering at all.
+    """
     params = [p for name in distinct for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        return _stack(layer, distinct)
-    key = (tuple(distinct), tuple(p._version for p in params), tuple(float(layer.scaling[n]) for n in distinct))
+        a_all, b_all = _stack(layer, distinct)
+        index = index.to(a_all.device)
+        return a_all[index], b_all[index]
+    key = (tuple(names), tuple(p._version for p in params), tuple(p.data_ptr() for p in params),
+           tuple(float(layer.scaling[n]) for n in distinct))
     cache = layer.__dict__.get("_mixed_batch_cache")
     if cache is None or cache[0] != key:
         with torch.no_grad():
-            cache = (key, _stack(layer, distinct))
+            a_all, b_all = _stack(layer, distinct)
+            index = index.to(a_all.device)
+            cache = (key, (a_all[index], b_all[index]))
         layer.__dict__["_mixed_batch_cache"] = cache
     return cache[1]
 
@@ -81,15 +103,17 @@ def _row_dropout(layer, x: torch.Tensor, distinct: list[str], index: torch.Tenso
 def linear_delta(layer, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     """Per-row LoRA update of a Linear / Conv1D layer, computed with two batched matmuls."""
     names = expand_to_batch(names, x.shape[0])
-    distinct, index = row_index(names, layer.r)
+    distinct, index = _cached_row_index(layer, names)
     if not distinct:
         return torch.zeros((), dtype=x.dtype, device=x.device)
-    a_all, b_all = _cached_stack(layer, distinct)
-    index = index.to(a_all.device)
-    rows = x.to(a_all.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+    if len(distinct) == 1 and bool((index == 1).all()):
+        return layer._lora_delta_output(x, distinct[0])  # one adapter for every row: the plain path
+    a_rows, b_rows = _row_stacks(layer, names, distinct, index)
+    index = index.to(a_rows.device)
+    rows = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
     rows = _row_dropout(layer, rows, distinct, index)
-    hidden = torch.bmm(rows, a_all[index].transpose(1, 2))  # (batch, tokens, r_max)
-    out = torch.bmm(hidden, b_all[index].transpose(1, 2))  # (batch, tokens, out)
+    hidden = torch.bmm(rows, a_rows.transpose(1, 2))  # (batch, tokens, r_max)
+    out = torch.bmm(hidden, b_rows.transpose(1, 2))  # (batch, tokens, out)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

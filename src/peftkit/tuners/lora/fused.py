@@ -1,0 +1,95 @@
+r"""LoRA's low-rank term as one autograd function, and a cheaper dropout mask for it.
+
+    delta = s * B A dropout(x) = (s / q) * B A (x * keep),   keep ~ Bernoulli(q), q = 1 - p
+
+Why a function of its own: the plain module path (`nn.Dropout`, `lora_A`, `lora_B`, `* s`) costs,
+per step and layer, one Bernoulli draw per input element (on CPU slower than the base layer's
+matmul), a saved float copy of the dropped input, and an output-sized multiply forward and
+backward. Here
+
+- the mask is drawn as random int16 words compared with a threshold (four words per 64-bit draw),
+  so `p` is rounded to a multiple of 1/65536 and the kept values are scaled by the matching 1/q;
+- the scaling (and 1/q) multiplies the rank-r hidden state, not the output;
+- backward keeps x (usually saved anyway), the bool mask and the (tokens, r) hidden state, and
+  recomputes `x * keep` instead of storing it.
+
+Gradients equal those of the composed ops `F.linear(F.linear(x * keep, A) * s / q, B)` (see
+tests/test_lora_fast_path.py). Under `torch.compile` the mask comes from `rand_like` instead,
+which the compiler fuses.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_WORD_LEVELS = 65536  # int16 words: p is rounded to a multiple of 1 / 65536
+
+
+def drop_threshold(p: float) -> int:
+    """How many of the 65536 int16 values mean "drop"; 0 < result < 65536 for usable rates."""
+    return round(p * _WORD_LEVELS)
+
+
+def fast_mask_supported(p: float) -> bool:
+    """Whether `p` survives the rounding to 1/65536 as a real dropout (neither 0 nor 1)."""
+    return 0 < drop_threshold(p) < _WORD_LEVELS
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(bool mask shaped like `x`, keep probability q it was drawn with)."""
+    threshold = drop_threshold(p)
+    if torch.compiler.is_compiling():
+        keep = 1.0 - threshold / _WORD_LEVELS
+        return torch.rand_like(x) < keep, keep
+    numel = x.numel()
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    keep = words.view(torch.int16)[:numel].view(x.shape) >= threshold - _WORD_LEVELS // 2
+    return keep, 1.0 - threshold / _WORD_LEVELS
+
+
+class LowRankDelta(torch.autograd.Function):
+    """`scale * (x * keep) A^T B^T` with a lean backward; `keep` may be None (no dropout)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scale: float,
+        keep: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        dropped = x if keep is None else x * keep
+        hidden = torch.matmul(dropped, weight_a.t()).mul_(scale)
+        ctx.scale = scale
+        ctx.save_for_backward(x, keep, weight_a, weight_b, hidden)
+        return torch.matmul(hidden, weight_b.t())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        x, keep, weight_a, weight_b, hidden = ctx.saved_tensors
+        needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = grad_a = grad_b = None
+        if needs_b:
+            grad_b = grad_rows.t().mm(hidden.reshape(-1, hidden.shape[-1]))
+        if needs_x or needs_a:
+            grad_hidden = grad_rows.mm(weight_b).mul_(ctx.scale)  # (tokens, r)
+            if needs_a:
+                dropped = x if keep is None else x * keep
+                grad_a = grad_hidden.t().mm(dropped.reshape(-1, x.shape[-1]))
+            if needs_x:
+                grad_x = grad_hidden.mm(weight_a).view(x.shape)
+                if keep is not None:
+                    grad_x = grad_x.mul_(keep)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def low_rank_delta(
+    x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, dropout_p: float, training: bool
+) -> torch.Tensor:
+    """`scaling * B A dropout(x)` through `LowRankDelta`; dropout only when `training` and p > 0."""
+    keep = None
+    scale = scaling
+    if training and dropout_p > 0:
+        keep, keep_probability = keep_mask(x, dropout_p)
+        scale = scaling / keep_probability
+    return LowRankDelta.apply(x, weight_a, weight_b, scale, keep)

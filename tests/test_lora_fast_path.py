@@ -1,0 +1,109 @@
+"""The fused LoRA path (`tuners/lora/fused.py`) computes what the plain module composition does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit import LoraConfig, get_peft_model
+from peftkit.tuners.lora.fused import drop_threshold, fast_mask_supported, keep_mask
+
+
+def _lora_linear(dropout: float) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], lora_dropout=dropout, init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def _plain_forward(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, keep_probability: float) -> torch.Tensor:
+    """The composed ops the fused function replaces, with the given dropout mask."""
+    dropped = x if keep is None else x * keep / keep_probability
+    lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+    return layer.base_layer(x) + lora_b(lora_a(dropped)) * layer.scaling["default"]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_matches_plain_outputs_and_grads(dropout: float) -> None:
+    model = _lora_linear(dropout)
+    model.train()
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 5, 24, requires_grad=True)
+
+    torch.manual_seed(123)
+    fused = layer(x)
+    fused.square().mean().backward()
+    fused_grads = [x.grad.clone(), layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+
+    torch.manual_seed(123)  # the same draw as the fused call made
+    keep, keep_probability = keep_mask(x, dropout) if dropout else (None, 1.0)
+    plain = _plain_forward(layer, x, keep, keep_probability)
+    plain.square().mean().backward()
+    plain_grads = [x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_mode_has_no_dropout() -> None:
+    model = _lora_linear(0.5)
+    model.eval()
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(model(x), model(x))
+    layer = model.base_model.model[0]
+    torch.testing.assert_close(layer(x), _plain_forward(layer, x, None, 1.0), atol=1e-5, rtol=1e-5)
+
+
+def test_keep_mask_rate_and_rounding() -> None:
+    torch.manual_seed(0)
+    x = torch.empty(200_000)
+    keep, keep_probability = keep_mask(x, 0.3)
+    assert keep.shape == x.shape and keep.dtype == torch.bool
+    assert keep_probability == pytest.approx(1 - drop_threshold(0.3) / 65536)
+    assert keep.float().mean().item() == pytest.approx(keep_probability, abs=0.005)
+    assert not fast_mask_supported(1.0) and not fast_mask_supported(1e-6) and fast_mask_supported(0.05)
+
+
+def test_hooked_modules_take_the_plain_path() -> None:
+    model = _lora_linear(0.0)
+    layer = model.base_model.model[0]
+    seen = []
+    layer.lora_A["default"].register_forward_hook(lambda *_: seen.append(1))
+    layer(torch.randn(2, 24))
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compile_has_no_graph_breaks(dropout: float) -> None:
+    torch._dynamo.reset()
+    model = _lora_linear(dropout)
+    model.train()
+    x = torch.randn(2, 24)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(x).sum().backward()
+    assert model.base_model.model[0].lora_A["default"].weight.grad is not None
+
+
+def test_dora_folded_scale_matches_plain_product() -> None:
+    from peftkit.tuners.lora.layer import LoraLayer
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(24, 40)),
+                           LoraConfig(r=4, target_modules=["0"], use_dora=True, init_lora_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 5, 24)
+    grads = []
+    for method in (layer.rescaled_low_rank_output, lambda *a: LoraLayer.rescaled_low_rank_output(layer, *a)):
+        scale = layer.lora_magnitude_vector["default"].weight * 0.5
+        out = method(x, "default", scale)
+        out.square().mean().backward()
+        grads.append((out.detach(), *(p.grad.clone() for p in layer.adapter_params(["default"]))))
+        layer.zero_grad()
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
