@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -13,7 +14,9 @@ import peftkit.quantization  # noqa: F401  (registers the quantized-layer dispat
 from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peftkit.errors import ConfigError
 from peftkit.quantization import Linear4bit, Linear8bit, QuantizationConfig, QuantizedLinear, dequantize_model, quantize_model
+from peftkit.quantization.lora_layers import dense_weight, store_dense_weight
 from tests.bnb_helpers import bnb, bnb_quantize_model, needs_bnb
+from tests.properties import output_of
 from tests.tiny_models import llama, lm_inputs
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -156,11 +159,41 @@ def test_disable_adapter_gives_quantized_base():
         assert torch.allclose(model(**inputs).logits, expected, atol=1e-5)
 
 
-def test_dora_and_pissa_refused_on_quantized_base():
-    with pytest.raises(ConfigError, match="use_dora"):
-        get_peft_model(quantized_llama(), seeds_config(use_dora=True))
+def test_pissa_refused_on_quantized_base():
     with pytest.raises(ConfigError, match="pissa"):
         get_peft_model(quantized_llama(), seeds_config(init_lora_weights="pissa"))
+
+
+@pytest.mark.parametrize("quantization", [{}, {"load_in_4bit": False, "load_in_8bit": True}], ids=["nf4", "int8"])
+def test_dora_on_quantized_base_equals_dora_on_the_dequantized_base(quantization, tmp_path):
+    """QDoRA: same magnitudes, norms and outputs as DoRA over the dequantized weights."""
+    from peftkit.quantization import dequantize_model
+
+    config = seeds_config(use_dora=True, lora_dropout=0.0, init_lora_weights=False)
+    torch.manual_seed(0)
+    quantized = get_peft_model(quantized_llama(**quantization), config).eval()
+    dense = get_peft_model(dequantize_model(quantized_llama(**quantization)), config).eval()
+    dense.load_state_dict({k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False)
+    for name, param in dense.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(param, dict(quantized.named_parameters())[name]), name
+    inputs = {"input_ids": lm_inputs()["input_ids"]}
+    expected = output_of(dense, inputs)
+    got = output_of(quantized, inputs)
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+    quantized.save_pretrained(str(tmp_path))
+    reloaded = PeftModel.from_pretrained(quantized_llama(**quantization), str(tmp_path))
+    assert torch.allclose(output_of(reloaded, inputs), got, atol=1e-5)
+    # Merging: the quantized weight becomes exactly quantize(DoRA-merged dense weight).
+    dense.merge_adapter()
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        quantized.merge_adapter()
+    key = "model.layers.0.self_attn.q_proj"
+    merged_dense = dense.base_model.model.get_submodule(key).get_base_layer().weight.detach()
+    quantized_base = quantized.base_model.model.get_submodule(key).get_base_layer()
+    expected_codes = copy.deepcopy(quantized_base)
+    store_dense_weight(expected_codes, merged_dense)
+    assert torch.equal(dense_weight(quantized_base), dense_weight(expected_codes))
 
 
 @needs_bnb

@@ -68,7 +68,7 @@ class RequantizingMergeMixin:
         warnings.warn(REQUANTIZE_WARNING, stacklevel=2)
         weight = dense_weight(base)
         for name in names:
-            merged = weight + self.get_delta_weight(name).detach().to(weight)
+            merged = weight + self._merge_term(name).to(weight)
             if safe_merge and not torch.isfinite(merged).all():
                 raise AdapterStateError(
                     f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
@@ -86,22 +86,40 @@ class RequantizingMergeMixin:
             return
         weight = dense_weight(base)
         for name in reversed(self.merged_adapters):
-            weight = weight - self.get_delta_weight(name).detach().to(weight)
+            weight = weight - self._unmerge_term(name).to(weight)
         with torch.no_grad():
             store_dense_weight(base, weight)
         self.merged_adapters.clear()
+        getattr(self, "merge_factors", {}).clear()
+
+    def _merge_term(self, adapter_name: str) -> torch.Tensor:
+        """What merging `adapter_name` adds to the dense weight (a plain delta_W by default)."""
+        return self.get_delta_weight(adapter_name).detach()
+
+    def _unmerge_term(self, adapter_name: str) -> torch.Tensor:
+        """What unmerging `adapter_name` subtracts again."""
+        return self.get_delta_weight(adapter_name).detach()
 
 
 class QuantizedLinear(RequantizingMergeMixin, LoraLinear):
     """LoRA over a quantized linear base; adapters are float32 whatever the compute dtype."""
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, **kwargs: Any) -> None:
-        if kwargs.get("use_dora"):
-            raise ConfigError(
-                f"use_dora=True is not supported on the quantized layer {type(self.get_base_layer()).__name__} yet; "
-                "use plain LoRA (use_dora=False) or a non-quantized base."
-            )
-        super().update_layer(adapter_name, r, lora_alpha, **kwargs)
+    def base_weight(self) -> torch.Tensor:
+        """The dequantized base weight (DoRA's norms need it; see `LoraLayer.base_weight`)."""
+        return dense_weight(self.get_base_layer())
+
+    def _merge_term(self, adapter_name: str) -> torch.Tensor:
+        """delta_W, or DoRA's `(f - 1) W0 + f s B A` (recording f for unmerging)."""
+        variant = self.lora_variant.get(adapter_name)
+        with torch.no_grad():
+            factor = variant.merge_factor(self, adapter_name) if variant is not None else None
+            if factor is not None:
+                self.merge_factors[adapter_name] = factor
+            return self._merge_delta(adapter_name, factor).detach()
+
+    def _unmerge_term(self, adapter_name: str) -> torch.Tensor:
+        with torch.no_grad():
+            return self._merge_delta(adapter_name, self.merge_factors.get(adapter_name)).detach()
 
     def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
         raise ConfigError(

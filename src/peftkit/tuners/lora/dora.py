@@ -87,7 +87,7 @@ def weight_norm(layer: "LoraLayer", adapter_name: str, base_weight: Optional[tor
     with torch.no_grad():
         delta = layer.out_in_layout(layer.get_delta_weight(adapter_name))
         if base_weight is None:
-            base_weight = layer.out_in_layout(layer.get_base_layer().weight)
+            base_weight = layer.out_in_layout(layer.base_weight())
         return (base_weight.to(delta.dtype) + delta).flatten(1).norm(dim=1)
 
 
@@ -98,7 +98,7 @@ def unmerged_base_weight(layer: "LoraLayer") -> torch.Tensor:
     current weight is `g W0 + sum(f delta)` with `g = 1 + sum(f - 1)`; solve for W0 row by row.
     """
     with torch.no_grad():
-        weight = layer.out_in_layout(layer.get_base_layer().weight)
+        weight = layer.out_in_layout(layer.base_weight())
         offset: Optional[torch.Tensor] = None
         gain: Optional[torch.Tensor] = None
         for name in layer.merged_adapters:

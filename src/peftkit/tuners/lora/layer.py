@@ -150,6 +150,10 @@ class LoraLayer(BaseTunerLayer):
         """Shape of DoRA's magnitude: one entry per output channel, broadcastable against the output."""
         return (self.out_features,)
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as a dense tensor in its stored layout (quantized layers dequantize)."""
+        return self.get_base_layer().weight
+
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         """W x: the base layer's output without its bias (DoRA rescales only this part)."""
         raise NotImplementedError
