@@ -24,7 +24,6 @@ which gives peft's checkpoint keys `<module>.lora_A`, `<module>.lora_E`, `<modul
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import ConfigError, TargetModulesError
+from .._core.base_layers import linear_features, refuse_grouped_conv, stored_transposed
 from .._core.layer import BaseTunerLayer
 
 # Added to `ranknum` before dividing, exactly as peft does (so outputs match to the last bit).
@@ -135,11 +135,7 @@ class SVDLinear(AdaLoraLayer, nn.Module):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **adapter_kwargs: Any):
         super().__init__()
-        if isinstance(base_layer, Conv1D):
-            in_features, out_features = base_layer.weight.shape
-        else:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
-        self._init_adalora_layer(base_layer, in_features, out_features)
+        self._init_adalora_layer(base_layer, *linear_features(base_layer))
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **adapter_kwargs)
@@ -160,11 +156,7 @@ class SVDConv2d(AdaLoraLayer, nn.Module):
 
     def __init__(self, base_layer: nn.Conv2d, adapter_name: str, **adapter_kwargs: Any):
         super().__init__()
-        if base_layer.groups != 1:
-            raise TargetModulesError(
-                f"AdaLoRA does not support grouped convolutions (groups={base_layer.groups}); "
-                "exclude this module via exclude_modules."
-            )
+        refuse_grouped_conv(base_layer, "AdaLoRA")
         self._init_adalora_layer(base_layer, base_layer.in_channels, base_layer.out_channels)
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **adapter_kwargs)
@@ -190,14 +182,8 @@ def create_adalora_module(
     target: nn.Module, adapter_name: str, key: str, fan_in_fan_out: bool, **adapter_kwargs: Any
 ) -> nn.Module:
     """Wrap `target` in the AdaLoRA layer for its type, or say which types are supported."""
-    if isinstance(target, nn.Linear):
-        if fan_in_fan_out:
-            warnings.warn("fan_in_fan_out=True is wrong for torch.nn.Linear; using False.", stacklevel=4)
-        return SVDLinear(target, adapter_name, fan_in_fan_out=False, **adapter_kwargs)
-    if isinstance(target, Conv1D):
-        if not fan_in_fan_out:
-            warnings.warn("transformers' Conv1D stores its weight (in, out); using fan_in_fan_out=True.", stacklevel=4)
-        return SVDLinear(target, adapter_name, fan_in_fan_out=True, **adapter_kwargs)
+    if isinstance(target, (nn.Linear, Conv1D)):
+        return SVDLinear(target, adapter_name, fan_in_fan_out=stored_transposed(target, fan_in_fan_out), **adapter_kwargs)
     if isinstance(target, nn.Conv2d):
         return SVDConv2d(target, adapter_name, **adapter_kwargs)
     raise TargetModulesError(

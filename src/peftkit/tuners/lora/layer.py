@@ -33,6 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import AdapterStateError, ConfigError, TargetModulesError
+from .._core.base_layers import linear_features, refuse_grouped_conv, stored_transposed
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .dora import DoraVariant
@@ -254,11 +255,7 @@ class Linear(LoraLayer, nn.Module):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **lora_kwargs: Any):
         super().__init__()
-        if isinstance(base_layer, Conv1D):
-            in_features, out_features = base_layer.weight.shape
-        else:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
-        self._init_lora_layer(base_layer, in_features, out_features)
+        self._init_lora_layer(base_layer, *linear_features(base_layer))
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **lora_kwargs)
@@ -369,11 +366,7 @@ class Conv(LoraLayer, nn.Module):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **lora_kwargs: Any):
         super().__init__()
-        if base_layer.groups != 1:
-            raise TargetModulesError(
-                f"LoRA does not support grouped convolutions (groups={base_layer.groups}); "
-                "exclude this module via exclude_modules."
-            )
+        refuse_grouped_conv(base_layer, "LoRA")
         self._init_lora_layer(base_layer, base_layer.in_channels, base_layer.out_channels)
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **lora_kwargs)
@@ -413,14 +406,8 @@ def _dispatch_default(target: nn.Module, adapter_name: str, fan_in_fan_out: bool
         return Embedding(target, adapter_name, **kwargs)
     if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return Conv(target, adapter_name, **kwargs)
-    if isinstance(target, nn.Linear):
-        if fan_in_fan_out:
-            warnings.warn("fan_in_fan_out=True is wrong for torch.nn.Linear; using False.", stacklevel=4)
-        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
-    if isinstance(target, Conv1D):
-        if not fan_in_fan_out:
-            warnings.warn("transformers' Conv1D stores its weight (in, out); using fan_in_fan_out=True.", stacklevel=4)
-        return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
+    if isinstance(target, (nn.Linear, Conv1D)):
+        return Linear(target, adapter_name, fan_in_fan_out=stored_transposed(target, fan_in_fan_out), **kwargs)
     return None
 
 
