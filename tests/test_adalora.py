@@ -20,15 +20,6 @@ from tests.tiny_models import MODEL_FACTORIES
 CASES = ["llama", "bert", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run much faster on one thread on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def adalora(case, **overrides) -> AdaLoraConfig:
     """A small AdaLoRA config; init_lora_weights=False gives random A, E, B (a non-trivial adapter)."""
     kwargs = dict(

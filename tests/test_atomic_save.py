@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 
 from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peftkit.checkpoint.io import commit_files, load_adapter_weights, recover_interrupted_save, text_writer

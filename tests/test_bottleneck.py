@@ -33,15 +33,6 @@ SITES_PER_BLOCK = {"houlsby": 2, "pfeiffer": 1, "parallel": 2}
 CLASSIFIER = HIDDEN * 3 + 3  # tiny BERT's SEQ_CLS head, trained in full
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, which also spares the cores other test runs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bottleneck(case, adapter_type: str = "houlsby", **overrides) -> BottleneckConfig:
     kwargs = dict(adapter_type=adapter_type, adapter_dim=4, init_weights=False, task_type=case.task_type)
     kwargs.update(overrides)

@@ -20,15 +20,6 @@ CASES = ["llama", "gpt2", "bert", "t5"]
 ATTENTION_TARGETS = {"llama": ["k_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["key", "value"], "t5": ["k", "v"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run much faster on one thread on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ia3(name: str, **overrides) -> IA3Config:
     """Per-architecture default targets, random vectors (a non-trivial adapter), the case's task."""
     kwargs = dict(init_ia3_weights=False, task_type=MODEL_FACTORIES[name].task_type)

@@ -25,14 +25,6 @@ DIRECTION_IDS = ["peft->peftkit", "peftkit->peft"]
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config_kwargs(model_name: str, **overrides) -> dict:
     case = MODEL_FACTORIES[model_name]
     kwargs = dict(

@@ -31,15 +31,6 @@ CONFIG_CLASS = {"ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig"}
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run much faster on one thread on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ConvNet(nn.Module):
     """A custom module: Conv2d 3x3 and 1x1, a strided Conv2d, Conv1d and Linear."""
 

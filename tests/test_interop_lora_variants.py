@@ -33,14 +33,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def wrap(lib_name: str, case, **config_kwargs):
     lib = LIBS[lib_name]
     config = lib.LoraConfig(r=4, lora_alpha=8, task_type=case.task_type, **config_kwargs)

@@ -24,15 +24,6 @@ TARGETS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run much faster on one thread on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config_for(method: str, name: str, **overrides):
     """Small rank, random factors (a non-trivial adapter), the case's targets and task."""
     kwargs = dict(r=4, alpha=8, target_modules=TARGETS[name], init_weights=False)

@@ -21,15 +21,6 @@ from tests import properties as prop
 from tests.tiny_models import MODEL_FACTORIES, VOCAB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run much faster on one thread on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyEmbedConv(nn.Module):
     """Embedding -> Conv2d -> Linear head, returning `.logits` / `.loss` like a transformers model."""
 

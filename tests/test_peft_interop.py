@@ -32,15 +32,6 @@ DIRECTION_IDS = ["peft->peftkit", "peftkit->peft"]
 MODEL_NAMES = ["llama", "gpt2", "bert", "t5"]
 ATOL = 1e-5
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run 10-20x faster on one thread on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 class TinyConvNet(nn.Module):
     """A custom (non-transformers) module with Conv2d, Conv1d and Linear layers."""

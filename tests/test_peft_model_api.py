@@ -16,7 +16,6 @@ from peftkit import (
     LoraConfig,
     PeftModel,
     PeftModelForCausalLM,
-    PeftModelForSequenceClassification,
     TargetModulesError,
     get_peft_model,
     get_peft_model_state_dict,

@@ -35,15 +35,6 @@ LAYER_TYPES = {"ia3": QuantizedIA3Linear, "loha": QuantizedLoHaLayer, "lokr": Qu
 PREFIXES = ("ia3_", "hada_", "lokr_")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run much faster on one thread on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def method_config(method: str):
     common = {"task_type": TaskType.CAUSAL_LM}
     if method == "ia3":

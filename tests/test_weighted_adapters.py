@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model
+from peftkit import ConfigError, LoraConfig, PeftModel
 from tests.properties import assert_close, output_of
 from tests.tiny_models import llama, lm_inputs
 
