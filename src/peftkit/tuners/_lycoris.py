@@ -33,7 +33,14 @@ from transformers.pytorch_utils import Conv1D
 from ..config import PeftConfig
 from ..errors import ConfigError, TargetModulesError
 from ..utils.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
-from ..utils.validation import as_name_set, check_dropout, check_layer_selection, check_positive_number, check_rank
+from ..utils.validation import (
+    as_name_set,
+    check_dropout,
+    check_layer_selection,
+    check_pattern_dict,
+    check_positive_number,
+    check_rank,
+)
 from ._core.layer import BaseTunerLayer
 from ._core.matching import pattern_value
 from ._core.module_tree import replace_module
@@ -85,9 +92,11 @@ class LycorisConfig(PeftConfig):
         check_positive_number(self.alpha, "alpha")
         check_dropout(self.rank_dropout, "rank_dropout")
         check_dropout(self.module_dropout, "module_dropout")
-        for key, rank in (self.rank_pattern or {}).items():
+        self.rank_pattern = check_pattern_dict(self.rank_pattern, "rank_pattern")
+        self.alpha_pattern = check_pattern_dict(self.alpha_pattern, "alpha_pattern")
+        for key, rank in self.rank_pattern.items():
             check_rank(rank, f"rank_pattern[{key!r}]")
-        for key, alpha in (self.alpha_pattern or {}).items():
+        for key, alpha in self.alpha_pattern.items():
             check_positive_number(alpha, f"alpha_pattern[{key!r}]")
         # `is` for the booleans, so 1 or 0 are refused rather than read as True / False.
         value = self.init_weights
