@@ -21,7 +21,9 @@ from peftkit import LoraConfig, PeftConfig, PeftkitError, PeftModel, get_peft_mo
 from peftkit.registry import registered_methods
 from tests.tiny_models import llama
 
-FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI explores the same examples every run (a find is then reproducible, not flaky);
+# explore further locally with e.g. `--hypothesis-seed=N` and larger max_examples.
+FUZZ = settings(max_examples=150, deadline=20000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 json_scalars = st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12)
 json_values = st.recursive(
@@ -92,7 +94,7 @@ def _write_adapter(folder: str, weights_blob: bytes) -> None:
         handle.write(weights_blob)
 
 
-@settings(max_examples=60, deadline=4000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=20000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_random_weight_bytes(blob):
     with tempfile.TemporaryDirectory() as folder:
@@ -100,7 +102,7 @@ def test_random_weight_bytes(blob):
         _accepts_or_raises_ours(lambda: PeftModel.from_pretrained(_model(), folder).unload())
 
 
-@settings(max_examples=40, deadline=4000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=20000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 6), st.integers(1, 40), st.sampled_from(["lora_A", "lora_B", "lora_X"]))
 def test_random_shapes(rows, cols, which):
     with tempfile.TemporaryDirectory() as folder:
