@@ -63,6 +63,16 @@ class QuantizedLinearBase(nn.Module):
 
     weight: nn.Parameter
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "QuantizedLinearBase":
+        """Quantize `linear`'s weight (its bias stays in the weight's float dtype)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, **kwargs)
+        layer.requantize_(linear.weight)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: DTypeLike) -> None:
         super().__init__()
         self.in_features = in_features
@@ -131,16 +141,6 @@ class Linear4bit(QuantizedLinearBase):
         if self.bias is not None and device is not None:
             self.bias.data = self.bias.data.to(device)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "Linear4bit":
-        """Quantize `linear`'s weight (its bias stays in the weight's float dtype)."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, **kwargs)
-        layer.requantize_(linear.weight)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return layer
-
     def quant_state(self) -> QuantState4bit:
         double = self.double_quant
         return QuantState4bit(
@@ -179,15 +179,6 @@ class Linear8bit(QuantizedLinearBase):
         self.requantize_(torch.zeros(out_features, in_features, device=device))
         if self.bias is not None and device is not None:
             self.bias.data = self.bias.data.to(device)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "Linear8bit":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, **kwargs)
-        layer.requantize_(linear.weight)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return layer
 
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_int8_rowwise(self.weight, self.weight_scale, dtype or self.compute_dtype)
