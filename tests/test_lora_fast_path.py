@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from transformers.pytorch_utils import Conv1D
+
 from peftkit import LoraConfig, get_peft_model
 from peftkit.tuners.lora.fused import drop_threshold, fast_mask_supported, keep_mask
 
@@ -107,3 +109,78 @@ def test_dora_folded_scale_matches_plain_product() -> None:
         layer.zero_grad()
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _fused_node(output: torch.Tensor) -> bool:
+    return type(output.grad_fn).__name__ == "LoraLinearFunctionBackward"
+
+
+def _layer_grads(layer: nn.Module, x: torch.Tensor, seed: int, forward) -> list[torch.Tensor]:
+    """Output, then the gradients of x and of every parameter that wants one, for `forward(x)`."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.manual_seed(seed)
+    out = forward(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return [out.detach(), x.grad.clone(), *(p.grad.clone() for p in params)]
+
+
+@pytest.mark.parametrize("base_kind", ["linear_bias", "linear_no_bias", "conv1d"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_whole_layer_matches_composed_ops_with_trainable_base(base_kind: str, dropout: float) -> None:
+    """Base output, bias, Conv1D's (in, out) weight and a base that trains too: all as the composed ops."""
+    torch.manual_seed(0)
+    base = {"linear_bias": nn.Linear(24, 40), "linear_no_bias": nn.Linear(24, 40, bias=False),
+            "conv1d": Conv1D(40, 24)}[base_kind]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False,
+                        fan_in_fan_out=base_kind == "conv1d")
+    model = get_peft_model(nn.Sequential(base), config)
+    model.train()
+    layer = model.base_model.model[0]
+    layer.base_layer.requires_grad_(True)
+    x = torch.randn(3, 5, 24).transpose(0, 1)  # non-contiguous on purpose (Conv1D itself needs contiguous)
+    x = (x.contiguous() if base_kind == "conv1d" else x).requires_grad_()
+
+    def composed(inp: torch.Tensor) -> torch.Tensor:
+        keep, keep_probability = keep_mask(inp, dropout) if dropout else (None, 1.0)
+        return _plain_forward(layer, inp, keep, keep_probability)
+
+    fused = _layer_grads(layer, x, 7, layer)
+    assert _fused_node(layer(x))
+    expected = _layer_grads(layer, x, 7, composed)
+    assert len(fused) == len(expected) == 6 - (base_kind == "linear_no_bias")
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_input_without_grad_and_frozen_base_get_no_gradient_work() -> None:
+    model = _lora_linear(0.0)
+    layer = model.base_model.model[0]
+    out = layer(torch.randn(4, 24))
+    assert _fused_node(out)
+    out.sum().backward()
+    assert layer.base_layer.weight.grad is None and layer.lora_A["default"].weight.grad is not None
+
+
+def test_cases_the_whole_layer_function_leaves_to_the_module_path() -> None:
+    """Two active adapters, DoRA, a hooked base, mixed dtypes, a disabled adapter: not fused, still right."""
+    model = _lora_linear(0.0)
+    layer = model.base_model.model[0]
+    x = torch.randn(4, 24)
+    assert _fused_node(layer(x))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    layer.set_adapter(["default", "other"])
+    both = layer(x)
+    assert not _fused_node(both)
+    expected = layer.base_layer(x) + sum(
+        layer.lora_B[n](layer.lora_A[n](x)) * layer.scaling[n] for n in ("default", "other"))
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=1e-5)
+    layer.set_adapter("default")
+    handle = layer.base_layer.register_forward_hook(lambda *_: None)
+    assert not _fused_node(layer(x))
+    handle.remove()
+    with model.disable_adapter():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+    layer.base_layer.double()
+    assert not _fused_node(layer(x.double()))

@@ -1,6 +1,6 @@
-r"""LoRA's low-rank term as one autograd function, and a cheaper dropout mask for it.
+r"""A LoRA Linear layer (or its low-rank term alone) as one autograd function, and a cheaper dropout mask.
 
-    delta = s * B A dropout(x) = (s / q) * B A (x * keep),   keep ~ Bernoulli(q), q = 1 - p
+    y = W x + b + s * B A dropout(x) = W x + b + (s / q) * B A (x * keep),   keep ~ Bernoulli(q), q = 1 - p
 
 Why a function of its own: the plain module path (`nn.Dropout`, `lora_A`, `lora_B`, `* s`) costs,
 per step and layer, one Bernoulli draw per input element (on CPU slower than the base layer's
@@ -11,9 +11,12 @@ backward. Here
   so `p` is rounded to a multiple of 1/65536 and the kept values are scaled by the matching 1/q;
 - the scaling (and 1/q) multiplies the rank-r hidden state, not the output;
 - backward keeps x (usually saved anyway), the bool mask and the (tokens, r) hidden state, and
-  recomputes `x * keep` instead of storing it.
+  recomputes `x * keep` instead of storing it;
+- with the base layer inside the same function, the low-rank product is accumulated into the base
+  output (`addmm_`) and the low-rank input gradient into the base one, so neither sum costs an
+  output- or input-sized add of its own.
 
-Gradients equal those of the composed ops `F.linear(F.linear(x * keep, A) * s / q, B)` (see
+Gradients equal those of the composed ops `F.linear(x, W, b) + F.linear(F.linear(x * keep, A) * s / q, B)` (see
 tests/test_lora_fast_path.py). Under `torch.compile` the mask comes from `rand_like` instead,
 which the compiler fuses.
 """
@@ -49,47 +52,78 @@ def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return keep, 1.0 - threshold / _WORD_LEVELS
 
 
-class LowRankDelta(torch.autograd.Function):
-    """`scale * (x * keep) A^T B^T` with a lean backward; `keep` may be None (no dropout)."""
+class LoraLinearFunction(torch.autograd.Function):
+    r"""`x W^T + b + scale * (x * keep) A^T B^T` as one autograd node; `weight` None gives the delta only.
+
+    One node instead of a base matmul, a low-rank branch and an add saves, per layer and step, the
+    output-sized add forward (the low-rank product is accumulated into the base output by
+    `addmm_`) and the input-sized add of the two input gradients backward (likewise). `keep` may be
+    None (no dropout). `weight` is (out, in); a frozen weight gets no gradient work.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scale: float,
-        keep: Optional[torch.Tensor],
+        ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+        weight_a: torch.Tensor, weight_b: torch.Tensor, scale: float, keep: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        dropped = x if keep is None else x * keep
-        hidden = torch.matmul(dropped, weight_a.t()).mul_(scale)
+        rows = x.reshape(-1, x.shape[-1])
+        hidden = torch.mm(_dropped(rows, keep), weight_a.t()).mul_(scale)
+        if weight is None:
+            out = torch.mm(hidden, weight_b.t())
+        else:
+            out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
+            out.addmm_(hidden, weight_b.t())
         ctx.scale = scale
-        ctx.save_for_backward(x, keep, weight_a, weight_b, hidden)
-        return torch.matmul(hidden, weight_b.t())
+        ctx.save_for_backward(x, keep, weight, weight_a, weight_b, hidden)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        x, keep, weight_a, weight_b, hidden = ctx.saved_tensors
-        needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
+        x, keep, weight, weight_a, weight_b, hidden = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_x = grad_a = grad_b = None
+        rows = x.reshape(-1, x.shape[-1])
+        grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         if needs_b:
-            grad_b = grad_rows.t().mm(hidden.reshape(-1, hidden.shape[-1]))
+            grad_b = grad_rows.t().mm(hidden)
         if needs_x or needs_a:
             grad_hidden = grad_rows.mm(weight_b).mul_(ctx.scale)  # (tokens, r)
             if needs_a:
-                dropped = x if keep is None else x * keep
-                grad_a = grad_hidden.t().mm(dropped.reshape(-1, x.shape[-1]))
+                grad_a = grad_hidden.t().mm(_dropped(rows, keep))
             if needs_x:
-                grad_x = grad_hidden.mm(weight_a).view(x.shape)
+                grad_input = grad_hidden.mm(weight_a)
                 if keep is not None:
-                    grad_x = grad_x.mul_(keep)
-        return grad_x, grad_a, grad_b, None, None
+                    grad_input.mul_(keep.reshape(grad_input.shape))
+                if weight is not None:
+                    grad_input.addmm_(grad_rows, weight)
+                grad_x = grad_input.view(x.shape)
+        if needs_weight:
+            grad_weight = grad_rows.t().mm(rows)
+        if needs_bias:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
 
 
-def low_rank_delta(
-    x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, dropout_p: float, training: bool
+def _dropped(rows: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return rows if keep is None else rows * keep.reshape(rows.shape)
+
+
+def lora_linear(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], weight_a: torch.Tensor,
+    weight_b: torch.Tensor, scaling: float, dropout_p: float = 0.0, training: bool = False,
 ) -> torch.Tensor:
-    """`scaling * B A dropout(x)` through `LowRankDelta`; dropout only when `training` and p > 0."""
+    """`x W^T + b + scaling * B A dropout(x)` (no base term when `weight` is None); dropout only when
+    `training` and p > 0."""
     keep = None
     scale = scaling
     if training and dropout_p > 0:
         keep, keep_probability = keep_mask(x, dropout_p)
         scale = scaling / keep_probability
-    return LowRankDelta.apply(x, weight_a, weight_b, scale, keep)
+    return LoraLinearFunction.apply(x, weight, bias, weight_a, weight_b, scale, keep)
+
+
+def low_rank_delta(
+    x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, dropout_p: float, training: bool
+) -> torch.Tensor:
+    """`scaling * B A dropout(x)` alone (the base output is computed elsewhere)."""
+    return lora_linear(x, None, None, weight_a, weight_b, scaling, dropout_p, training)

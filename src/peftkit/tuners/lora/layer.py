@@ -37,7 +37,7 @@ from .._core.base_layers import linear_features, refuse_grouped_conv, stored_tra
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .dora import DoraVariant
-from .fused import fast_mask_supported, low_rank_delta
+from .fused import fast_mask_supported, lora_linear, low_rank_delta
 from .mixed_batch import linear_delta, looped_delta
 from .init import init_from_base_weight, is_valid_base_weight_init
 
@@ -264,6 +264,38 @@ class Linear(LoraLayer, nn.Module):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """As `LoraLayer.forward`; one plain adapter on a plain base runs as one fused function."""
+        adapter_name = None if args or kwargs else self._fusable_adapter(x)
+        if adapter_name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        dropout = self.lora_dropout[adapter_name]
+        return lora_linear(x, self.out_in_layout(base.weight), base.bias, self.lora_A[adapter_name].weight,
+                           self.lora_B[adapter_name].weight, self.scaling[adapter_name],
+                           getattr(dropout, "p", 0.0), dropout.training)
+
+    def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
+        """The one active adapter when base and adapter can run as `lora_linear`, else None.
+
+        That is: adapters on and unmerged, no mixed batch, exactly one active plain (non-DoRA) adapter,
+        a stock `nn.Linear` / `Conv1D` base, no hook on any of the modules the fused call skips, one
+        dtype throughout and no autocast.
+        """
+        if self._disable_adapters or self.merged or self.batch_adapter_names is not None:
+            return None
+        active = self._active_here()
+        if len(active) != 1 or active[0] in self.lora_variant:
+            return None
+        name = active[0]
+        base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if type(base) not in (nn.Linear, Conv1D) or not _plain_modules(lora_a, lora_b, self.lora_dropout[name], base):
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        dtypes = {x.dtype, base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype}
+        return name if len(dtypes) == 1 and (base.bias is None or base.bias.dtype == x.dtype) else None
+
     def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
         return linear_delta(self, x, self.batch_adapter_names)
 
@@ -301,8 +333,10 @@ class Linear(LoraLayer, nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
 
-def _plain_modules(lora_a: nn.Module, lora_b: nn.Module, dropout: Optional[nn.Module] = None) -> bool:
-    """Whether A, B (and the dropout) are the stock modules, with no hooks that the fused path would skip."""
+def _plain_modules(
+    lora_a: nn.Module, lora_b: nn.Module, dropout: Optional[nn.Module] = None, base: Optional[nn.Module] = None
+) -> bool:
+    """Whether A, B (the dropout, the base) are stock modules, with no hooks that the fused path would skip."""
     if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
         return False
     if type(dropout) is nn.Dropout:
@@ -310,8 +344,10 @@ def _plain_modules(lora_a: nn.Module, lora_b: nn.Module, dropout: Optional[nn.Mo
             return False
     elif dropout is not None and type(dropout) is not nn.Identity:
         return False
-    modules = (lora_a, lora_b) if dropout is None else (lora_a, lora_b, dropout)
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    modules = [m for m in (lora_a, lora_b, dropout, base) if m is not None]
+    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules):
+        return False
+    return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 class Embedding(LoraLayer, nn.Module):
