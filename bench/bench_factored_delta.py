@@ -93,7 +93,7 @@ def main() -> None:
                         fwd[mode] = forward_ms(layer, x, repeats, args.device)
                         train[mode] = train_step_ms(layer, x, repeats, args.device)
                     layer.delta_mode = "auto"
-                    auto = "fact" if layer._use_factored(x, "default") else "mat"
+                    auto = layer._path(x, "default")[:4]
                     fwd_ratio = fwd["materialized"] / fwd["factored"]
                     train_ratio = train["materialized"] / train["factored"]
                     print(

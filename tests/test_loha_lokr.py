@@ -275,11 +275,12 @@ def test_factored_forward_equals_materialised_on_transformers(method, name):
 def test_auto_mode_picks_by_cost(method):
     _, big = _layer(method, nn.Linear(256, 256), r=4)
     _, tiny_square = _layer(method, nn.Linear(4, 4), r=4)
-    assert big._use_factored(torch.zeros(8, 256), "default")
+    assert big._path(torch.zeros(8, 256), "default") == "factored"
     if method == "loha":  # r^2 (in + out) > in * out: the materialised delta is cheaper
-        assert not tiny_square._use_factored(torch.zeros(8, 4), "default")
+        assert tiny_square._path(torch.zeros(8, 4), "default") == "materialized"
+        assert tiny_square._path(torch.zeros(8, 4), "default", fusable=True) == "fused"
     _, grouped = _layer(method, nn.Conv2d(4, 4, 3, groups=2), r=2)
-    assert not grouped._use_factored(torch.zeros(1, 4, 5, 5), "default")  # no factored form for groups
+    assert grouped._path(torch.zeros(1, 4, 5, 5), "default") == "materialized"  # no factored form for groups
     grouped.delta_mode = "factored"
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
@@ -405,3 +406,78 @@ def test_gpt2_conv1d_targets_warn_nothing_and_merge():
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     assert layer.is_conv1d_layer and layer.hada_w1_a["default"].shape == (96, 4)
     assert math.prod(layer.get_delta_weight("default").shape) == layer.base_layer.weight.numel()
+
+
+# ---------------------------------------------------------------------------------------------- fused path
+def _outputs_and_grads(model: nn.Module, layer: nn.Module, x: torch.Tensor, mode: str, seed: int) -> list[torch.Tensor]:
+    layer.delta_mode = mode
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.manual_seed(seed)
+    out = layer(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in layer.parameters() if p.requires_grad]
+    return [out.detach(), x.grad.clone(), *grads]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("base_kind", ["linear", "linear_no_bias", "conv1d"])
+def test_fused_path_equals_materialised_with_dropouts_and_trainable_base(method, base_kind):
+    """y = x (W + delta_W)^T + b in one matmul: outputs and all gradients as the materialised path."""
+    torch.manual_seed(0)
+    base = {"linear": nn.Linear(12, 20), "linear_no_bias": nn.Linear(12, 20, bias=False), "conv1d": Conv1D(20, 12)}
+    model, layer = _layer(method, base[base_kind], r=3, alpha=5, init_weights=False, rank_dropout=0.3,
+                          module_dropout=0.2)
+    model.train()
+    layer.base_layer.requires_grad_(True)
+    x = torch.randn(3, 4, 12, requires_grad=True)
+    for seed in range(4):  # some seeds drop the whole module, the others a random set of rows
+        fused = _outputs_and_grads(model, layer, x, "fused", seed)
+        expected = _outputs_and_grads(model, layer, x, "materialized", seed)
+        for got, want in zip(fused, expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    layer.delta_mode, layer.module_dropout["default"] = "fused", 0.0
+    assert type(layer(x).grad_fn).__name__ == "_FusedDeltaLinearBackward"
+
+
+def test_fused_path_keeps_nothing_large_and_frozen_base_gets_no_grad():
+    model, layer = _layer("loha", nn.Linear(12, 20), r=3, init_weights=False)
+    layer.delta_mode = "fused"
+    out = layer(torch.randn(5, 12))
+    assert type(out.grad_fn).__name__ == "_FusedDeltaLinearBackward"
+    out.sum().backward()
+    assert layer.base_layer.weight.grad is None
+    assert all(p.grad is not None for p in layer.adapter_params(["default"]))
+
+
+def test_auto_picks_fused_for_training_sized_batches_and_not_where_it_cannot():
+    """The bench's shape (1024 tokens, 512 -> 1376, r = 16): fused when training; factored for one token."""
+    model, layer = _layer("loha", nn.Linear(512, 1376), r=16)
+    tokens = torch.zeros(1024, 512)
+    assert layer._fusable_adapter(tokens) == "default"
+    assert layer._path(tokens, "default", fusable=True) == "fused"
+    assert layer._path(torch.zeros(1, 512), "default", fusable=True) == "factored"
+    model.add_adapter("other", LoHaConfig(target_modules=["0"]))
+    layer.set_adapter(["default", "other"])
+    assert layer._fusable_adapter(tokens) is None  # two active adapters
+    layer.set_adapter("default")
+    handle = layer.base_layer.register_forward_pre_hook(lambda *_: None)
+    assert layer._fusable_adapter(tokens) is None
+    handle.remove()
+    assert layer._fusable_adapter(tokens.double()) is None
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_path_in_a_model_trains_like_the_materialised_one(method):
+    """Same loss and same adapter gradients on a tiny llama, whichever path each layer takes."""
+    tiny = MODEL_FACTORIES["llama"]
+    inputs = tiny.make_inputs()
+    results = {}
+    for mode in ("materialized", "fused"):
+        model = get_peft_model(tiny.make_model(), config_for(method, "llama"))
+        set_delta_mode(model, mode)
+        loss = model(**inputs).logits.square().mean()
+        loss.backward()
+        results[mode] = [loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
+    for got, want in zip(results["fused"], results["materialized"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

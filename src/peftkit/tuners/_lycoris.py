@@ -6,14 +6,18 @@ convolution), scaled by `alpha / r`:
     LoHa:  delta_W = (W1a W1b) * (W2a W2b) * alpha / r          (* is the Hadamard product)
     LoKr:  delta_W = kron(W1, W2) * alpha / r
 
-A layer computes `y = base(x) + delta(x)`. The delta can be applied two ways, which agree up to
+A layer computes `y = base(x) + delta(x)`. The delta can be applied three ways, which agree up to
 rounding:
 
 - materialised: build delta_W, then `F.linear(x, delta_W)` / `F.convNd(x, delta_W)` (what peft does);
-- factored: push x through the factors without ever forming delta_W (cheaper in most real shapes).
+- factored: push x through the factors without ever forming delta_W (cheaper in most real shapes);
+- fused (Linear / Conv1D bases, one active adapter): `y = x (W + delta_W)^T + b`, one matmul in
+  place of the base's; backward needs one extra matmul (`G = grad^T x`, the gradient of delta_W)
+  and rebuilds delta_W from the factors instead of keeping it (`_FusedDeltaLinear`).
 
-Each method gives a cost estimate (multiply-adds) for both and `delta_mode="auto"` picks the
-cheaper per call; `"factored"` / `"materialized"` force one (tests and benchmarks use that).
+Each method gives cost estimates (multiply-adds: building delta_W, and the factored product) and
+`delta_mode="auto"` picks the cheapest path per call, counting the backward when autograd is on;
+`"factored"` / `"materialized"` / `"fused"` force one (tests and benchmarks use that).
 
 Rank dropout zeroes whole output rows of delta_W during training; since a zeroed row only zeroes
 one output channel, it is applied to the delta's output, so both paths support it.
@@ -41,6 +45,7 @@ from ..utils.validation import (
     check_positive_number,
     check_rank,
 )
+from ._core.base_layers import is_plain_linear, unobserved
 from ._core.layer import BaseTunerLayer
 from ._core.matching import pattern_value
 from ._core.module_tree import replace_module
@@ -62,7 +67,7 @@ LYCORIS_TARGET_MODULES_BY_MODEL_TYPE: dict[str, Any] = {
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
-DELTA_MODES = ("auto", "factored", "materialized")
+DELTA_MODES = ("auto", "factored", "materialized", "fused")
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv1d and torch.nn.Conv2d"
 
 
@@ -115,8 +120,8 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
     """A frozen base layer plus, per adapter, factors whose product is a weight update.
 
     Subclasses name their factor attributes in `adapter_layer_names` and implement
-    `_create_adapter`, `_delta_kernel` (delta_W laid out like an `(out, in, *kernel)` weight) and,
-    where cheaper, `_factored_output` with its cost model `_costs`.
+    `_create_adapter`, `_delta_kernel` (delta_W laid out like an `(out, in, *kernel)` weight) with
+    its cost `_build_cost` and, where cheaper, `_factored_output` with its cost `_factored_cost`.
     """
 
     other_param_names = ("r", "alpha", "scaling", "rank_dropout", "rank_dropout_scale", "module_dropout")
@@ -212,18 +217,39 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
         """delta(x) computed from the factors, or None where this layer has no factored path."""
         return None
 
-    def _costs(self, adapter_name: str, positions: int) -> tuple[float, float]:
-        """(materialised, factored) multiply-adds for `positions` input rows / output pixels."""
-        return 0.0, math.inf
+    def _build_cost(self, adapter_name: str) -> float:
+        """Multiply-adds to form delta_W from the factors."""
+        raise NotImplementedError
 
-    def _use_factored(self, x: torch.Tensor, adapter_name: str) -> bool:
-        if self.delta_mode == "materialized":
-            return False
-        if self.delta_mode == "factored":
-            return True
+    def _factored_cost(self, adapter_name: str, positions: int) -> float:
+        """Multiply-adds of `_factored_output` for `positions` input rows / output pixels (inf: no such path)."""
+        return math.inf
+
+    def _path(self, x: torch.Tensor, adapter_name: str, fusable: bool = False) -> str:
+        """"fused", "factored" or "materialized": the forced `delta_mode`, or the cheapest estimate.
+
+        With autograd on, a path's backward counts too: materialised applies delta_W twice more
+        (input and weight gradients) and differentiates the build; factored about doubles; fused
+        adds one full matmul (the gradient of delta_W) and rebuilds delta_W once.
+        """
+        mode = self.delta_mode
+        if mode not in DELTA_MODES:
+            raise ValueError(f"delta_mode={mode!r} is not one of {DELTA_MODES}.")
+        if mode == "fused":
+            return "fused" if fusable else "materialized"
+        if mode != "auto":
+            return mode
         positions = x.numel() // max(self.in_features, 1)
-        materialized, factored = self._costs(adapter_name, positions)
-        return factored < materialized
+        apply = positions * math.prod(self.weight_shape)
+        build = self._build_cost(adapter_name)
+        backward = int(torch.is_grad_enabled())
+        costs = {
+            "materialized": build + apply + backward * (2 * apply + 2 * build),
+            "factored": self._factored_cost(adapter_name, positions) * (1 + 2 * backward),
+        }
+        if fusable:
+            costs["fused"] = build + backward * (apply + 3 * build)
+        return min(costs, key=costs.__getitem__)
 
     def _materialized_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         kernel = self._delta_kernel(adapter_name)
@@ -236,9 +262,7 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
 
     def delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """delta_W applied to x (no bias), by the factored path when it is cheaper."""
-        if self.delta_mode not in DELTA_MODES:
-            raise ValueError(f"delta_mode={self.delta_mode!r} is not one of {DELTA_MODES}.")
-        out = self._factored_output(x, adapter_name) if self._use_factored(x, adapter_name) else None
+        out = self._factored_output(x, adapter_name) if self._path(x, adapter_name) == "factored" else None
         return self._materialized_output(x, adapter_name) if out is None else out
 
     def _rank_dropout_mask(self, adapter_name: str, out: torch.Tensor) -> torch.Tensor:
@@ -258,12 +282,14 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        fusable = self._fusable_adapter(x) if not (args or kwargs) else None
+        if fusable is not None and self._path(x, fusable, fusable=True) == "fused":
+            return self._fused_forward(x, fusable)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
         for adapter_name in self._active_here():
-            # Module dropout skips the whole adapter for this step.
-            if self.training and torch.rand(1).item() <= self.module_dropout[adapter_name]:
+            if self._module_dropped(adapter_name):
                 continue
             delta = self.delta_output(x.to(self._adapter_dtype(adapter_name)), adapter_name)
             if self.training and self.rank_dropout[adapter_name] > 0:
@@ -271,8 +297,86 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
             result = result + delta
         return result.to(previous_dtype)
 
+    def _module_dropped(self, adapter_name: str) -> bool:
+        """Module dropout: skip the whole adapter for this step."""
+        return self.training and torch.rand(1).item() <= self.module_dropout[adapter_name]
+
+    # ------------------------------------------------------------------ fused
+    def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
+        """The one active adapter when base and delta can run as one matmul, else None.
+
+        That is: unmerged, exactly one active adapter, a stock unhooked `nn.Linear` / `Conv1D` base,
+        one dtype throughout, no autocast, and not while compiling (the function rebuilds delta_W
+        through the layer in backward, which the compiler does not trace).
+        """
+        active = self._active_here()
+        if self.merged or len(active) != 1 or self.is_conv:
+            return None
+        base = self.base_layer
+        if not is_plain_linear(base) or not unobserved(base) or torch.compiler.is_compiling():
+            return None
+        if torch.is_autocast_enabled(x.device.type) or {x.dtype, base.weight.dtype, self._adapter_dtype(active[0])} != {
+            x.dtype
+        }:
+            return None
+        return active[0]
+
+    def _fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        base = self.base_layer
+        if self._module_dropped(adapter_name):
+            return base(x)
+        row_scale = None
+        if self.training and self.rank_dropout[adapter_name] > 0:
+            row_scale = self._rank_dropout_mask(adapter_name, x).reshape(-1, 1)
+        weight = base.weight.t() if self.is_conv1d_layer else base.weight
+        factors = tuple(self.adapter_params([adapter_name]))
+        return _FusedDeltaLinear.apply(x, weight, base.bias, row_scale, self, adapter_name, *factors)
+
+    def fused_delta_weight(self, adapter_name: str, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """delta_W as (out, in), its rows scaled by the rank-dropout mask when there is one."""
+        delta = self._delta_kernel(adapter_name)
+        return delta if row_scale is None else delta * row_scale
+
     def __repr__(self) -> str:
         return f"{self.method_name}." + super().__repr__()
+
+
+class _FusedDeltaLinear(torch.autograd.Function):
+    """`y = x (W + delta_W)^T + b`, delta_W rebuilt from the layer's factors in backward, not saved.
+
+    Inputs after `layer, adapter_name` are the adapter's factor parameters, so autograd routes
+    their gradients here; backward gets them by differentiating the rebuilt delta_W against
+    `G = grad^T x`. Saves x only (the factors are parameters, alive anyway).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
+        layer: LycorisLayer, adapter_name: str, *factors: torch.Tensor,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            effective = weight + layer.fused_delta_weight(adapter_name, row_scale)
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.mm(rows, effective.t()) if bias is None else torch.addmm(bias, rows, effective.t())
+        ctx.layer, ctx.adapter_name = layer, adapter_name
+        ctx.save_for_backward(x, weight, row_scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        x, weight, row_scale = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        factors = tuple(ctx.layer.adapter_params([ctx.adapter_name]))
+        wanted = [f for f, need in zip(factors, ctx.needs_input_grad[6:]) if need]
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        with torch.enable_grad():
+            delta = ctx.layer.fused_delta_weight(ctx.adapter_name, row_scale)
+        grad_x = grad_rows.mm(weight + delta.detach()).view(x.shape) if needs_x else None
+        grad_delta = grad_rows.t().mm(x.reshape(-1, x.shape[-1])) if wanted or needs_weight else None
+        found = iter(torch.autograd.grad(delta, wanted, grad_delta) if wanted else ())
+        factor_grads = [next(found) if need else None for need in ctx.needs_input_grad[6:]]
+        grad_bias = grad_rows.sum(0) if needs_bias else None
+        return (grad_x, grad_delta if needs_weight else None, grad_bias, None, None, None, *factor_grads)
 
 
 def kaiming_(tensor: torch.Tensor) -> None:

@@ -35,3 +35,19 @@ def refuse_grouped_conv(base_layer: nn.Module, method: str) -> None:
             f"{method} does not support grouped convolutions (groups={base_layer.groups}); "
             "exclude this module via exclude_modules."
         )
+
+
+def unobserved(*modules: nn.Module) -> bool:
+    """No forward hook (own or global) and no patched `forward` on any of `modules`.
+
+    Fused paths call the modules' maths directly instead of the modules, so they are only taken
+    when nothing would notice the modules being skipped.
+    """
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """A stock `nn.Linear` or transformers `Conv1D` (not a subclass: those may change the maths)."""
+    return type(module) in (nn.Linear, Conv1D)

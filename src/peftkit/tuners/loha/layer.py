@@ -106,19 +106,20 @@ class LoHaLayer(LycorisLayer):
             hidden = conv(hidden, core.reshape(*core.shape[:2], *self.kernel_size), **geometry)
         return conv(hidden, (outer * scaling).reshape(*outer.shape, *pointwise))
 
-    def _costs(self, adapter_name: str, positions: int) -> tuple[float, float]:
-        if self.is_conv and self.get_base_layer().groups != 1:
-            return 0.0, math.inf
+    def _build_cost(self, adapter_name: str) -> float:
         r = self.r[adapter_name]
         out_features, in_per_group, *kernel = self.weight_shape
         taps = math.prod(kernel)
         if adapter_name in self.hada_t1:
-            build = 2 * r * taps * in_per_group * (r + out_features) + out_features * in_per_group * taps
-            materialized = build + positions * out_features * in_per_group * taps
-            core = r**4 * taps
-            factored = (positions + 1) * (core + r * r * (in_per_group + out_features))
-            return materialized, factored
-        flat_in = in_per_group * taps
-        materialized = out_features * flat_in * (2 * r + 1) + positions * out_features * flat_in
-        factored = (positions + 1) * r * r * (flat_in + out_features)
-        return materialized, factored
+            return 2 * r * taps * in_per_group * (r + out_features) + out_features * in_per_group * taps
+        return out_features * in_per_group * taps * (2 * r + 1)
+
+    def _factored_cost(self, adapter_name: str, positions: int) -> float:
+        if self.is_conv and self.get_base_layer().groups != 1:
+            return math.inf
+        r = self.r[adapter_name]
+        out_features, in_per_group, *kernel = self.weight_shape
+        taps = math.prod(kernel)
+        if adapter_name in self.hada_t1:
+            return (positions + 1) * (r**4 * taps + r * r * (in_per_group + out_features))
+        return (positions + 1) * r * r * (in_per_group * taps + out_features)

@@ -169,13 +169,13 @@ class LoKrLayer(LycorisLayer):
         hidden = hidden.reshape(batch, c, b, *hidden.shape[2:])
         return torch.einsum("ac,ncb...->nab...", w1, hidden).reshape(batch, a * b, *hidden.shape[3:])
 
-    def _costs(self, adapter_name: str, positions: int) -> tuple[float, float]:
+    def _build_cost(self, adapter_name: str) -> float:
+        return math.prod(self.weight_shape)
+
+    def _factored_cost(self, adapter_name: str, positions: int) -> float:
         if self.is_conv and self.get_base_layer().groups != 1:
-            return 0.0, math.inf
+            return math.inf
         out_features, in_per_group, *kernel = self.weight_shape
-        taps = math.prod(kernel)
         a, c = self._w1_shape(adapter_name)
         b, d = out_features // a, in_per_group // c
-        materialized = (positions + 1) * out_features * in_per_group * taps
-        factored = positions * b * c * (d * taps + a)
-        return materialized, factored
+        return positions * b * c * (d * math.prod(kernel) + a)

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import AdapterStateError, ConfigError, TargetModulesError
-from .._core.base_layers import linear_features, refuse_grouped_conv, stored_transposed
+from .._core.base_layers import is_plain_linear, linear_features, refuse_grouped_conv, stored_transposed, unobserved
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .dora import DoraVariant
@@ -289,7 +289,7 @@ class Linear(LoraLayer, nn.Module):
             return None
         name = active[0]
         base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
-        if type(base) not in (nn.Linear, Conv1D) or not _plain_modules(lora_a, lora_b, self.lora_dropout[name], base):
+        if not is_plain_linear(base) or not _plain_modules(lora_a, lora_b, self.lora_dropout[name], base):
             return None
         if torch.is_autocast_enabled(x.device.type):
             return None
@@ -344,10 +344,7 @@ def _plain_modules(
             return False
     elif dropout is not None and type(dropout) is not nn.Identity:
         return False
-    modules = [m for m in (lora_a, lora_b, dropout, base) if m is not None]
-    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules):
-        return False
-    return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    return unobserved(*(m for m in (lora_a, lora_b, dropout, base) if m is not None))
 
 
 class Embedding(LoraLayer, nn.Module):
