@@ -184,3 +184,24 @@ def test_cases_the_whole_layer_function_leaves_to_the_module_path() -> None:
         torch.testing.assert_close(layer(x), layer.base_layer(x))
     layer.base_layer.double()
     assert not _fused_node(layer(x.double()))
+
+
+def test_apply_dropout_is_inverted_dropout_with_the_cheap_mask() -> None:
+    """Kept entries are x / q, dropped ones 0, at rate ~p; gradients flow through the same mask."""
+    model = _lora_linear(0.25)
+    model.train()
+    layer = model.base_model.model[0]
+    x = torch.randn(400, 24).abs().add_(0.1).requires_grad_()
+    torch.manual_seed(5)
+    dropped = layer.apply_dropout(x, "default")
+    keep = dropped != 0
+    keep_probability = 1 - drop_threshold(0.25) / 65536
+    torch.testing.assert_close(dropped[keep], x[keep] / keep_probability)
+    assert keep.float().mean().item() == pytest.approx(0.75, abs=0.02)
+    dropped.sum().backward()
+    torch.testing.assert_close(x.grad, keep.float() / keep_probability)
+    layer.lora_dropout["default"].register_forward_hook(lambda *_: None)  # observed: nn.Dropout itself runs
+    torch.manual_seed(5)
+    expected = nn.functional.dropout(x, 0.25)
+    torch.manual_seed(5)
+    torch.testing.assert_close(layer.apply_dropout(x, "default"), expected)

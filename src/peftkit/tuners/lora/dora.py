@@ -139,7 +139,7 @@ class DoraVariant:
         if base_output is None or (layer.training and layer.drops_input and not isinstance(dropout, nn.Identity)):
             # peft's rule: with active dropout both terms see the dropped input, so W x is recomputed.
             if layer.drops_input:
-                x = dropout(x)
+                x = layer.apply_dropout(x, adapter_name)
             base_without_bias = layer.base_output_without_bias(x)
         else:
             bias = layer.bias
