@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._lycoris import LycorisLayer, conv_fn, cp_rebuild, kaiming_
+from .kron_linear import KroneckerLinear
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -157,10 +158,9 @@ class LoKrLayer(LycorisLayer):
         if w2 is None:
             return None
         w1 = self._w1(adapter_name) * self.scaling[adapter_name]
-        (a, c), b, d = w1.shape, w2.shape[0], w2.shape[1]
         if not self.is_conv:
-            blocks = x.reshape(*x.shape[:-1], c, d) @ w2.T  # (..., c, b)
-            return (w1 @ blocks).reshape(*x.shape[:-1], a * b)
+            return KroneckerLinear.apply(x, w1, w2)
+        (a, c), b, d = w1.shape, w2.shape[0], w2.shape[1]
         base = self.get_base_layer()
         batch, spatial = x.shape[0], x.shape[2:]
         hidden = conv_fn(self)(
