@@ -332,8 +332,33 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
         factors = tuple(self.adapter_params([adapter_name]))
         return _FusedDeltaLinear.apply(x, weight, base.bias, row_scale, self, adapter_name, *factors)
 
-    def fused_delta_weight(self, adapter_name: str, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
-        """delta_W as (out, in), its rows scaled by the rank-dropout mask when there is one."""
+    def fused_effective_weight(
+        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """`W + delta_W` as (out, in), delta_W's rows scaled by the rank-dropout mask if any (no autograd)."""
+        with torch.no_grad():
+            return weight + self._scaled_delta(adapter_name, row_scale)
+
+    def fused_backward(
+        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor],
+        grad_delta: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+        """(`W + delta_W`, gradient of each factor in `adapter_params` order given dL/d delta_W).
+
+        Generic form: rebuild delta_W under autograd and differentiate it; methods with a
+        closed form (LoHa) override this to skip the autograd rebuild.
+        """
+        factors = list(self.adapter_params([adapter_name]))
+        with torch.enable_grad():
+            delta = self._scaled_delta(adapter_name, row_scale)
+        effective = weight + delta.detach()
+        if grad_delta is None:
+            return effective, [None] * len(factors)
+        wanted = [f for f in factors if f.requires_grad]
+        found = iter(torch.autograd.grad(delta, wanted, grad_delta))
+        return effective, [next(found) if f.requires_grad else None for f in factors]
+
+    def _scaled_delta(self, adapter_name: str, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
         delta = self._delta_kernel(adapter_name)
         return delta if row_scale is None else delta * row_scale
 
@@ -345,8 +370,8 @@ class _FusedDeltaLinear(torch.autograd.Function):
     """`y = x (W + delta_W)^T + b`, delta_W rebuilt from the layer's factors in backward, not saved.
 
     Inputs after `layer, adapter_name` are the adapter's factor parameters, so autograd routes
-    their gradients here; backward gets them by differentiating the rebuilt delta_W against
-    `G = grad^T x`. Saves x only (the factors are parameters, alive anyway).
+    their gradients here; the layer turns `G = grad^T x` (dL/d delta_W) into them
+    (`LycorisLayer.fused_backward`). Saves x only (the factors are parameters, alive anyway).
     """
 
     @staticmethod
@@ -354,8 +379,7 @@ class _FusedDeltaLinear(torch.autograd.Function):
         ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
         layer: LycorisLayer, adapter_name: str, *factors: torch.Tensor,
     ) -> torch.Tensor:
-        with torch.no_grad():
-            effective = weight + layer.fused_delta_weight(adapter_name, row_scale)
+        effective = layer.fused_effective_weight(adapter_name, weight, row_scale)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.mm(rows, effective.t()) if bias is None else torch.addmm(bias, rows, effective.t())
         ctx.layer, ctx.adapter_name = layer, adapter_name
@@ -366,15 +390,12 @@ class _FusedDeltaLinear(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         x, weight, row_scale = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        factors = tuple(ctx.layer.adapter_params([ctx.adapter_name]))
-        wanted = [f for f, need in zip(factors, ctx.needs_input_grad[6:]) if need]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        with torch.enable_grad():
-            delta = ctx.layer.fused_delta_weight(ctx.adapter_name, row_scale)
-        grad_x = grad_rows.mm(weight + delta.detach()).view(x.shape) if needs_x else None
-        grad_delta = grad_rows.t().mm(x.reshape(-1, x.shape[-1])) if wanted or needs_weight else None
-        found = iter(torch.autograd.grad(delta, wanted, grad_delta) if wanted else ())
-        factor_grads = [next(found) if need else None for need in ctx.needs_input_grad[6:]]
+        wants_delta = needs_weight or any(ctx.needs_input_grad[6:])
+        grad_delta = grad_rows.t().mm(x.reshape(-1, x.shape[-1])) if wants_delta else None
+        effective, factor_grads = ctx.layer.fused_backward(ctx.adapter_name, weight, row_scale, grad_delta)
+        grad_x = grad_rows.mm(effective).view(x.shape) if needs_x else None
+        factor_grads = [grad if need else None for grad, need in zip(factor_grads, ctx.needs_input_grad[6:])]
         grad_bias = grad_rows.sum(0) if needs_bias else None
         return (grad_x, grad_delta if needs_weight else None, grad_bias, None, None, None, *factor_grads)
 

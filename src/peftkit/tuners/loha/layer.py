@@ -33,6 +33,13 @@ def _row_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return (left.unsqueeze(1) * right.unsqueeze(0)).reshape(left.shape[0] * right.shape[0], -1)
 
 
+def _effective(weight: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, scale: Any) -> torch.Tensor:
+    """`W + scale * p1 * p2`; `scale` a number or an (out, 1) column."""
+    if isinstance(scale, torch.Tensor):
+        return torch.addcmul(weight, p1 * scale, p2)
+    return torch.addcmul(weight, p1, p2, value=scale)
+
+
 class LoHaLayer(LycorisLayer):
     """LoHa on `nn.Linear`, transformers' `Conv1D`, `nn.Conv1d` or `nn.Conv2d`."""
 
@@ -74,6 +81,39 @@ class LoHaLayer(LycorisLayer):
         else:
             delta = (w1a @ w1b) * (w2a @ w2b)
         return (delta * self.scaling[adapter_name]).reshape(self.weight_shape)
+
+    # ------------------------------------------------------------------ fused (see _lycoris)
+    def _linear_factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name)[adapter_name] for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+
+    def _row_scale(self, adapter_name: str, row_scale: Optional[torch.Tensor]) -> Any:
+        scaling = self.scaling[adapter_name]
+        return scaling if row_scale is None else row_scale * scaling
+
+    def fused_effective_weight(
+        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """`W + s (W1a W1b) * (W2a W2b)` in one addcmul."""
+        with torch.no_grad():
+            w1a, w1b, w2a, w2b = self._linear_factors(adapter_name)
+            return _effective(weight, w1a @ w1b, w2a @ w2b, self._row_scale(adapter_name, row_scale))
+
+    def fused_backward(
+        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor],
+        grad_delta: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+        r"""Closed form: with `G' = s G`, `dP1 = G' * P2`, `dP2 = G' * P1`, then
+        `dW1a = dP1 W1b^T`, `dW1b = W1a^T dP1` (likewise for W2)."""
+        w1a, w1b, w2a, w2b = self._linear_factors(adapter_name)
+        scale = self._row_scale(adapter_name, row_scale)
+        with torch.no_grad():
+            p1, p2 = w1a @ w1b, w2a @ w2b
+            effective = _effective(weight, p1, p2, scale)
+            if grad_delta is None:
+                return effective, [None] * 4
+            scaled = grad_delta * scale
+            grad_p1, grad_p2 = scaled * p2, scaled.mul_(p1)
+            return effective, [grad_p1 @ w1b.T, w1a.T @ grad_p1, grad_p2 @ w2b.T, w2a.T @ grad_p2]
 
     # ------------------------------------------------------------------ factored
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
