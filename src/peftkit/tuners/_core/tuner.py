@@ -186,10 +186,24 @@ class BaseTuner(nn.Module):
 
     # ------------------------------------------------------------------ iteration
     def adapter_modules(self) -> Iterator[tuple[str, AdapterLike]]:
-        """(name, module) of every tuner layer and modules-to-save wrapper, outermost only."""
-        for name, module in self.model.named_modules():
+        """(name, module) of every tuner layer and modules-to-save wrapper, outermost only.
+
+        The walk does not descend into the wrappers it yields: with many adapters their ModuleDicts
+        hold most of the model's modules (32 LoRA adapters: ~100 per wrapped layer), and a
+        mixed-batch call walks the model twice per forward.
+        """
+        stack: list[tuple[str, nn.Module]] = [("", self.model)]
+        seen: set[int] = set()
+        while stack:
+            name, module = stack.pop()
+            if id(module) in seen:  # a module registered twice is visited once, as named_modules does
+                continue
+            seen.add(id(module))
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 yield name, module
+                continue
+            children = [(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()]
+            stack.extend(reversed(children))  # pre-order, in registration order, as named_modules
 
     def tuner_layers(self) -> Iterator[tuple[str, BaseTunerLayer]]:
         for name, module in self.adapter_modules():

@@ -43,12 +43,14 @@ def row_index(names: Sequence[str], available: Container[str]) -> tuple[list[str
     return distinct, torch.tensor([lookup.get(name, 0) for name in names])
 
 
-def _cached_row_index(layer, names: list[str]) -> tuple[list[str], torch.Tensor]:
-    """`row_index` for this layer, remembered for the same names (each decode step repeats them)."""
+def _cached_row_index(layer, names: list[str]) -> tuple[list[str], torch.Tensor, bool]:
+    """`row_index` for this layer and whether every row uses its one adapter, remembered for the
+    same names (each decode step repeats them)."""
     key = (tuple(names), tuple(layer.r))
     cached = layer.__dict__.get("_mixed_batch_rows")
     if cached is None or cached[0] != key:
-        cached = (key, row_index(names, layer.r))
+        distinct, index = row_index(names, layer.r)
+        cached = (key, (distinct, index, len(distinct) == 1 and bool((index == 1).all())))
         layer.__dict__["_mixed_batch_rows"] = cached
     return cached[1]
 
@@ -73,7 +75,7 @@ def _row_stacks(layer, names: list[str], distinct: list[str], index: torch.Tenso
     versions, so a decode step (one token per row, the same names every step) does no stacking or
     gathering at all.
     """
-    params = [p for name in distinct for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+    params = _factor_weights(layer, distinct)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         a_all, b_all = _stack(layer, distinct)
         index = index.to(a_all.device)
@@ -90,10 +92,22 @@ def _row_stacks(layer, names: list[str], distinct: list[str], index: torch.Tenso
     return cache[1]
 
 
+def _factor_weights(layer, distinct: list[str]) -> list[torch.Tensor]:
+    """[A_1, B_1, A_2, B_2, ...] of the adapters in `distinct`.
+
+    Read from the containers' dicts, not by attribute: a decode step needs them for its cache key
+    on every layer, and `nn.Module.__getattr__` made this lookup ~10 % of a 32-adapter decode step.
+    """
+    factors_a, factors_b = layer.lora_A._modules, layer.lora_B._modules
+    return [p for name in distinct for p in (factors_a[name]._parameters["weight"], factors_b[name]._parameters["weight"])]
+
+
 def _row_dropout(layer, x: torch.Tensor, distinct: list[str], index: torch.Tensor) -> torch.Tensor:
     """Each row gets the dropout of its adapter (inverted dropout, only in training)."""
+    if not layer.training:
+        return x
     rates = [0.0] + [float(getattr(layer.lora_dropout[name], "p", 0.0)) for name in distinct]
-    if not layer.training or not any(rates):
+    if not any(rates):
         return x
     keep = (1.0 - torch.tensor(rates, device=x.device, dtype=x.dtype))[index.to(x.device)]
     keep = keep.view(-1, *([1] * (x.dim() - 1)))
@@ -103,10 +117,10 @@ def _row_dropout(layer, x: torch.Tensor, distinct: list[str], index: torch.Tenso
 def linear_delta(layer, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     """Per-row LoRA update of a Linear / Conv1D layer, computed with two batched matmuls."""
     names = expand_to_batch(names, x.shape[0])
-    distinct, index = _cached_row_index(layer, names)
+    distinct, index, uniform = _cached_row_index(layer, names)
     if not distinct:
         return torch.zeros((), dtype=x.dtype, device=x.device)
-    if len(distinct) == 1 and bool((index == 1).all()):
+    if uniform:
         return layer._lora_delta_output(x, distinct[0])  # one adapter for every row: the plain path
     a_rows, b_rows = _row_stacks(layer, names, distinct, index)
     index = index.to(a_rows.device)
