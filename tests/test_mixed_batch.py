@@ -118,3 +118,18 @@ def test_bad_adapter_names():
     model.merge_adapter()
     with pytest.raises(AdapterStateError, match="merged"):
         model(**inputs, adapter_names=NAMES)
+
+
+def test_adapter_modules_walk_lists_the_outermost_wrappers_in_module_order():
+    """The pruned walk (it skips the wrappers' own adapter dicts) lists what a full walk lists."""
+    from peftkit.tuners._core.layer import BaseTunerLayer
+    from peftkit.tuners._core.modules_to_save import ModulesToSaveWrapper
+
+    model = get_peft_model(llama(), _config(r=4, modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    model.add_adapter("other", _config(r=2))
+    full = [(name, module) for name, module in model.base_model.model.named_modules()
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))]
+    walked = list(model.base_model.adapter_modules())
+    assert [name for name, _ in walked] == [name for name, _ in full]
+    assert all(a is b for (_, a), (_, b) in zip(walked, full))
+    assert any(isinstance(m, ModulesToSaveWrapper) for _, m in walked) and len(walked) > 4
