@@ -6,7 +6,10 @@
 Columns: median step ms, ratio to the frozen bound (same run), ratio to peft's same row (same run;
 only when peft is installed and has the method), trainable parameters, peak RSS of the process.
 With `--repeat N` all rows run N rounds and the lowest median per (row, library) is kept (the run
-least disturbed by other load). The 1-minute load average is recorded before each process.
+least disturbed by other load). The bound (`frozen`) runs at the start and again at the end of
+every round: one frozen figure taken while the machine was slower would skew every ratio, and
+this machine's speed drifts over minutes (frozen alone measured 862-1021 ms in one afternoon).
+The 1-minute load average is recorded before each process.
 A benchmark, run by hand; nothing here is asserted.
 """
 
@@ -92,9 +95,10 @@ def main() -> None:
             jobs.append((row, lib))
     # Rounds over all rows (not N runs of one row in a row), so a burst of outside load hits one
     # round of every row rather than every run of one; the lowest median per (row, library) is kept.
+    round_jobs = jobs + ([("frozen", "peftkit")] if ("frozen", "peftkit") in jobs else [])
     for round_index in range(args.repeat):
         print(f"round {round_index + 1}/{args.repeat}", file=sys.stderr)
-        for row, lib in jobs:
+        for row, lib in round_jobs:
             result = run_once(row, lib, args)
             best = results[row].get(lib)
             if result is not None and (best is None or result["step_ms"] < best["step_ms"]):

@@ -133,3 +133,20 @@ def test_adapter_modules_walk_lists_the_outermost_wrappers_in_module_order():
     assert [name for name, _ in walked] == [name for name, _ in full]
     assert all(a is b for (_, a), (_, b) in zip(walked, full))
     assert any(isinstance(m, ModulesToSaveWrapper) for _, m in walked) and len(walked) > 4
+
+
+def test_batch_of_one_adapter_runs_that_adapters_fused_forward_while_another_is_active(monkeypatch):
+    """Every row on "big" (while "default" is the active adapter): the fused single-adapter call, same output."""
+    from peftkit.tuners.lora import layer as lora_layer
+
+    model, inputs = _model(), _inputs(3)
+    model.set_adapter("default")
+    calls = []
+    fused = lora_layer.lora_linear
+    monkeypatch.setattr(lora_layer, "lora_linear", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
+    with torch.no_grad():
+        out = model(**inputs, adapter_names=["big"] * 3).logits
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert any(weight_a is q_proj.lora_A["big"].weight for weight_a in calls)
+        assert not any(weight_a is q_proj.lora_A["default"].weight for weight_a in calls)
+        assert_close(out, _single(model, "big", inputs))

@@ -16,6 +16,11 @@ Layers exist for `nn.Linear`, GPT-2's `Conv1D` (weight stored (in, out): `fan_in
 `nn.Embedding` and `nn.Conv1d/2d/3d`. Each adapter lives in `lora_A[name]` / `lora_B[name]`
 (`lora_embedding_A/B[name]` for embeddings), the attribute layout peft and its ecosystem read.
 
+Speed: a Linear / Conv1D layer with one active plain adapter on a stock, unhooked base runs as
+one autograd function (`fused.py`: the low-rank product accumulated into the base output, the
+input gradients summed inside one matmul, a cheap dropout mask); everything else takes the module
+path below, which computes the same thing.
+
 Variants change the per-adapter term, not the loop: an adapter with an entry in `lora_variant`
 (DoRA, `dora.py`) computes its own term and merge delta. PiSSA / OLoRA (`init.py`) only change
 how A, B -- and the base weight -- are initialised.
@@ -38,7 +43,7 @@ from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .dora import DoraVariant
 from .fused import fast_dropout, fast_mask_supported, lora_linear, low_rank_delta
-from .mixed_batch import linear_delta, looped_delta
+from .mixed_batch import linear_delta, looped_delta, uniform_adapter
 from .init import init_from_base_weight, is_valid_base_weight_init
 
 InitChoice = Union[bool, str]
@@ -286,13 +291,16 @@ class Linear(LoraLayer, nn.Module):
     def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The one active adapter when base and adapter can run as `lora_linear`, else None.
 
-        That is: adapters on and unmerged, no mixed batch, exactly one active plain (non-DoRA) adapter,
+        That is: adapters on and unmerged, exactly one active plain (non-DoRA) adapter,
         a stock `nn.Linear` / `Conv1D` base, no hook on any of the modules the fused call skips, one
-        dtype throughout and no autocast.
+        dtype throughout and no autocast. A mixed batch qualifies when all its rows use one adapter.
         """
-        if self._disable_adapters or self.merged or self.batch_adapter_names is not None:
+        if self._disable_adapters or self.merged:
             return None
-        active = self._active_here()
+        if self.batch_adapter_names is None:
+            active = self._active_here()
+        else:  # a mixed batch whose rows all use one adapter is that adapter's plain forward
+            active = [name for name in (uniform_adapter(self, x, self.batch_adapter_names),) if name is not None]
         if len(active) != 1 or active[0] in self.lora_variant:
             return None
         name = active[0]

@@ -16,6 +16,7 @@ adapters present instead.
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
+from typing import Optional
 
 import torch
 
@@ -53,6 +54,12 @@ def _cached_row_index(layer, names: list[str]) -> tuple[list[str], torch.Tensor,
         cached = (key, (distinct, index, len(distinct) == 1 and bool((index == 1).all())))
         layer.__dict__["_mixed_batch_rows"] = cached
     return cached[1]
+
+
+def uniform_adapter(layer, x: torch.Tensor, names: Sequence[str]) -> Optional[str]:
+    """The adapter every row of `x` uses on this layer, or None (mixed rows, or none wraps it)."""
+    distinct, _, uniform = _cached_row_index(layer, expand_to_batch(names, x.shape[0]))
+    return distinct[0] if uniform else None
 
 
 def _stack(layer, distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
