@@ -315,9 +315,7 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
         base = self.base_layer
         if not is_plain_linear(base) or not unobserved(base) or torch.compiler.is_compiling():
             return None
-        if torch.is_autocast_enabled(x.device.type) or {x.dtype, base.weight.dtype, self._adapter_dtype(active[0])} != {
-            x.dtype
-        }:
+        if torch.is_autocast_enabled(x.device.type) or not x.dtype == base.weight.dtype == self._adapter_dtype(active[0]):
             return None
         return active[0]
 
