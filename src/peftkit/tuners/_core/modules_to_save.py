@@ -23,7 +23,7 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter = [adapter_name]
         self._disable_adapters = False
         # Set for the duration of a mixed-adapter forward: one adapter name per batch row.
-        self.batch_adapter_names: Optional[list[str]] = None
+        self.batch_adapter_names: Optional[tuple[str, ...]] = None
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:

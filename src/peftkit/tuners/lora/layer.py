@@ -74,7 +74,7 @@ class LoraLayer(BaseTunerLayer):
         # Per merged variant adapter, what unmerging needs again (DoRA: its factor m / ||W + dW||).
         self.merge_factors: dict[str, torch.Tensor] = {}
         # Set for one call by `LoraModel.mixed_batch`: the adapter of each batch row.
-        self.batch_adapter_names: Optional[list[str]] = None
+        self.batch_adapter_names: Optional[tuple[str, ...]] = None
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError

@@ -24,14 +24,16 @@ from ...errors import AdapterNameError, AdapterStateError
 from ...utils.adapter_names import BASE_ADAPTER_NAME
 
 
-def expand_to_batch(names: Sequence[str], batch: int) -> list[str]:
+def expand_to_batch(names: Sequence[str], batch: int) -> tuple[str, ...]:
     """One name per row; rows repeated by generate (beams, num_return_sequences) repeat the name."""
     if batch % len(names):
         raise AdapterStateError(
             f"adapter_names has {len(names)} entries but the batch has {batch} rows; pass one name per row."
         )
     repeat = batch // len(names)
-    return [name for name in names for _ in range(repeat)]
+    if repeat == 1 and isinstance(names, tuple):
+        return names
+    return tuple(name for name in names for _ in range(repeat))
 
 
 def row_index(names: Sequence[str], available: Container[str]) -> tuple[list[str], torch.Tensor]:
@@ -44,10 +46,10 @@ def row_index(names: Sequence[str], available: Container[str]) -> tuple[list[str
     return distinct, torch.tensor([lookup.get(name, 0) for name in names])
 
 
-def _cached_row_index(layer, names: list[str]) -> tuple[list[str], torch.Tensor, bool]:
+def _cached_row_index(layer, names: tuple[str, ...]) -> tuple[list[str], torch.Tensor, bool]:
     """`row_index` for this layer and whether every row uses its one adapter, remembered for the
     same names (each decode step repeats them)."""
-    key = (tuple(names), tuple(layer.r))
+    key = (names, tuple(layer.r))
     cached = layer.__dict__.get("_mixed_batch_rows")
     if cached is None or cached[0] != key:
         distinct, index = row_index(names, layer.r)
@@ -75,7 +77,7 @@ def _stack(layer, distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return a_all, b_all
 
 
-def _row_stacks(layer, names: list[str], distinct: list[str], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_stacks(layer, names: tuple[str, ...], distinct: list[str], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row A (batch, r_max, in) and B (batch, out, r_max), cached while no gradient is needed.
 
     The cache holds the gathered per-row stacks, keyed on the row names and the adapters' parameter
@@ -87,7 +89,7 @@ def _row_stacks(layer, names: list[str], distinct: list[str], index: torch.Tenso
         a_all, b_all = _stack(layer, distinct)
         index = index.to(a_all.device)
         return a_all[index], b_all[index]
-    key = (tuple(names), tuple(p._version for p in params), tuple(p.data_ptr() for p in params),
+    key = (names, tuple(p._version for p in params), tuple(p.data_ptr() for p in params),
            tuple(float(layer.scaling[n]) for n in distinct))
     cache = layer.__dict__.get("_mixed_batch_cache")
     if cache is None or cache[0] != key:

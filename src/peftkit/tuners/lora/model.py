@@ -120,8 +120,9 @@ class LoraModel(BaseTuner):
         if any(getattr(self.peft_config[n], "use_dora", False) for n in set(adapter_names) & set(self.peft_config)):
             raise ConfigError("Mixed-adapter batches do not support DoRA adapters; run them one adapter at a time.")
         modules = [module for _, module in self.adapter_modules()]
+        names = tuple(adapter_names)  # one immutable copy shared by every layer (their caches key on it)
         for module in modules:
-            module.batch_adapter_names = list(adapter_names)
+            module.batch_adapter_names = names
         try:
             yield
         finally:
