@@ -9,7 +9,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import LoraConfig, get_peft_model
-from peftkit.tuners.lora.fused import drop_threshold, fast_mask_supported, keep_mask
+from peftkit.tuners.lora.fused import (
+    draw_dropout, drop_threshold, dropped_positions, fast_mask_supported, keep_mask, keep_of,
+)
 
 
 def _lora_linear(dropout: float) -> nn.Module:
@@ -26,7 +28,15 @@ def _plain_forward(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None,
     return layer.base_layer(x) + lora_b(lora_a(dropped)) * layer.scaling["default"]
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def _draw_keep(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor | None, float]:
+    """The keep mask (and q) that the fused call drew from the same seed."""
+    if not dropout:
+        return None, 1.0
+    drop, keep_probability = draw_dropout(x, dropout)
+    return keep_of(drop, x), keep_probability
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.5])  # 0.1: dropped positions; 0.5: the int16-word mask
 def test_fused_matches_plain_outputs_and_grads(dropout: float) -> None:
     model = _lora_linear(dropout)
     model.train()
@@ -41,7 +51,7 @@ def test_fused_matches_plain_outputs_and_grads(dropout: float) -> None:
     x.grad = None
 
     torch.manual_seed(123)  # the same draw as the fused call made
-    keep, keep_probability = keep_mask(x, dropout) if dropout else (None, 1.0)
+    keep, keep_probability = _draw_keep(x, dropout)
     plain = _plain_forward(layer, x, keep, keep_probability)
     plain.square().mean().backward()
     plain_grads = [x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
@@ -68,6 +78,32 @@ def test_keep_mask_rate_and_rounding() -> None:
     assert keep_probability == pytest.approx(1 - drop_threshold(0.3) / 65536)
     assert keep.float().mean().item() == pytest.approx(keep_probability, abs=0.005)
     assert not fast_mask_supported(1.0) and not fast_mask_supported(1e-6) and fast_mask_supported(0.05)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2])
+def test_dropped_positions_drop_each_element_with_probability_p(p: float) -> None:
+    """Poisson splitting makes the drops exact Bernoulli(p): the rate is p, not 1 - exp(-p), and even."""
+    torch.manual_seed(0)
+    x = torch.empty(400, 500)
+    rates = []
+    for _ in range(5):
+        keep = keep_of(dropped_positions(x, p), x)
+        assert keep.shape == x.shape and keep.dtype == torch.bool
+        rates.append(1 - keep.float().mean().item())
+        halves = keep.view(2, -1).float().mean(1)
+        assert abs(halves[0] - halves[1]).item() < 0.01  # no part of the tensor favoured
+    assert sum(rates) / len(rates) == pytest.approx(p, abs=0.002)  # std of the mean ~0.0004 at p = 0.2
+    assert max(rates) - min(rates) > 0  # fresh draws
+
+
+def test_draw_dropout_picks_positions_on_cpu_for_low_rates_and_words_otherwise() -> None:
+    x = torch.empty(64, 32)
+    drop, keep_probability = draw_dropout(x, 0.1)
+    assert drop.dtype == torch.int64 and drop.dim() == 1 and keep_probability == 0.9
+    assert int(drop.max()) < x.numel()
+    drop, keep_probability = draw_dropout(x, 0.3)
+    assert drop.dtype == torch.bool and drop.shape == x.shape
+    assert keep_probability == 1 - drop_threshold(0.3) / 65536
 
 
 def test_hooked_modules_take_the_plain_path() -> None:
@@ -127,7 +163,7 @@ def _layer_grads(layer: nn.Module, x: torch.Tensor, seed: int, forward) -> list[
 
 
 @pytest.mark.parametrize("base_kind", ["linear_bias", "linear_no_bias", "conv1d"])
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("dropout", [0.0, 0.2, 0.5])
 def test_whole_layer_matches_composed_ops_with_trainable_base(base_kind: str, dropout: float) -> None:
     """Base output, bias, Conv1D's (in, out) weight and a base that trains too: all as the composed ops."""
     torch.manual_seed(0)
@@ -143,7 +179,7 @@ def test_whole_layer_matches_composed_ops_with_trainable_base(base_kind: str, dr
     x = (x.contiguous() if base_kind == "conv1d" else x).requires_grad_()
 
     def composed(inp: torch.Tensor) -> torch.Tensor:
-        keep, keep_probability = keep_mask(inp, dropout) if dropout else (None, 1.0)
+        keep, keep_probability = _draw_keep(inp, dropout)
         return _plain_forward(layer, inp, keep, keep_probability)
 
     fused = _layer_grads(layer, x, 7, layer)
@@ -186,22 +222,23 @@ def test_cases_the_whole_layer_function_leaves_to_the_module_path() -> None:
     assert not _fused_node(layer(x.double()))
 
 
-def test_apply_dropout_is_inverted_dropout_with_the_cheap_mask() -> None:
+@pytest.mark.parametrize("p", [0.1, 0.25])  # dropped positions / the int16-word mask
+def test_apply_dropout_is_inverted_dropout_with_the_cheap_mask(p: float) -> None:
     """Kept entries are x / q, dropped ones 0, at rate ~p; gradients flow through the same mask."""
-    model = _lora_linear(0.25)
+    model = _lora_linear(p)
     model.train()
     layer = model.base_model.model[0]
-    x = torch.randn(400, 24).abs().add_(0.1).requires_grad_()
+    x = torch.randn(24, 400).abs().add_(0.1).t().requires_grad_()  # non-contiguous on purpose
     torch.manual_seed(5)
     dropped = layer.apply_dropout(x, "default")
     keep = dropped != 0
-    keep_probability = 1 - drop_threshold(0.25) / 65536
+    keep_probability = 1 - drop_threshold(p) / 65536 if p > 0.2 else 1 - p
     torch.testing.assert_close(dropped[keep], x[keep] / keep_probability)
-    assert keep.float().mean().item() == pytest.approx(0.75, abs=0.02)
+    assert keep.float().mean().item() == pytest.approx(1 - p, abs=0.02)
     dropped.sum().backward()
     torch.testing.assert_close(x.grad, keep.float() / keep_probability)
     layer.lora_dropout["default"].register_forward_hook(lambda *_: None)  # observed: nn.Dropout itself runs
     torch.manual_seed(5)
-    expected = nn.functional.dropout(x, 0.25)
+    expected = nn.functional.dropout(x, p)
     torch.manual_seed(5)
     torch.testing.assert_close(layer.apply_dropout(x, "default"), expected)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model
+from peftkit.optimizers.adamw import adamw
 
 BATCH_SIZE = 16
 MAX_LENGTH = 64
@@ -117,7 +118,7 @@ def train(
 ) -> list[float]:
     """Plain PyTorch loop (AdamW on the trainable parameters); returns the mean loss of each epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = adamw(params, lr=lr)
     n_batches = (len(rows) + BATCH_SIZE - 1) // BATCH_SIZE
     epoch_losses = []
     for epoch in range(epochs):

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..optimizers.adamw import adamw
 from .data import Fields, batches, label_ids, normalise_rows, read_rows, split_rows
 from .errors import CliError
 from .methods import build_config, load_config_file, peft_type_for
@@ -108,7 +109,7 @@ def measure(model: nn.Module, train: list, evaluation: list, args: argparse.Name
     """Train `args.train_steps` steps; time them, estimate/measure memory, evaluate if there is data."""
     trainable, total = model.get_nb_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    optimizer = adamw(params, lr=args.lr)
     cuda = torch.cuda.is_available()
     if cuda:
         model.cuda()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..optimizers.adamw import adamw
 from .data import Fields, batches, label_ids, normalise_rows, read_rows, split_rows
 from .errors import CliError
 from .methods import build_config, load_config_file, parse_method_flags, peft_type_for
@@ -183,7 +184,7 @@ def steps_per_epoch(n_rows: int, settings: TrainSettings) -> int:
 def train_loop(model: nn.Module, tokenizer: Any, rows: Sequence[dict], settings: TrainSettings) -> dict[str, Any]:
     """AdamW on the trainable parameters with grad accumulation; tqdm shows loss and examples/s."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    optimizer = adamw(params, lr=settings.lr)
     adalora = hasattr(model.base_model, "update_and_allocate")
     step, seen, start, epoch_losses = 0, 0, time.perf_counter(), []
     n_batches = (len(rows) + settings.batch_size - 1) // settings.batch_size
