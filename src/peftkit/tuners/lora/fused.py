@@ -4,8 +4,8 @@ r"""A LoRA Linear layer (or its low-rank term alone) as one autograd function, a
 
 Why a function of its own: the plain module path (`nn.Dropout`, `lora_A`, `lora_B`, `* s`) costs,
 per step and layer, one Bernoulli draw per input element (on CPU slower than the base layer's
-matmul), a saved float copy of the dropped input, and an output-sized multiply forward and
-backward. Here
+matmul), a float pass over the input to apply it, and an output-sized multiply and add forward
+and backward. Here
 
 - on CPU the mask is drawn as the *positions* to drop (`dropped_positions`): exact Bernoulli(p)
   per element at ~5 % of the random numbers, and backward keeps those positions, not a mask;
@@ -13,8 +13,9 @@ backward. Here
   per 64-bit draw, so `p` is rounded to a multiple of 1/65536 and the kept values are scaled by
   the matching 1/q);
 - the scaling (and 1/q) multiplies the rank-r hidden state, not the output;
-- backward keeps x (usually saved anyway), the drop (positions or bool mask) and the (tokens, r)
-  hidden state, and recomputes the dropped input instead of storing it;
+- backward keeps the input A saw (x itself without dropout; with dropout the dropped copy, which
+  dA needs: cheaper kept than redrawn, and on this workload +6 MB a decoder layer), the drop
+  (positions or bool mask, to zero the input gradient) and the (tokens, r) hidden state;
 - with the base layer inside the same function, the low-rank product is accumulated into the base
   output (`addmm_`) and the low-rank input gradient into the base one, so neither sum costs an
   output- or input-sized add of its own.
@@ -117,36 +118,38 @@ class LoraLinearFunction(torch.autograd.Function):
         weight_a: torch.Tensor, weight_b: torch.Tensor, scale: float, drop: Optional[torch.Tensor],
     ) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        hidden = torch.mm(_dropped(rows, drop), weight_a.t()).mul_(scale)
+        dropped = _dropped(rows, drop)
+        hidden = torch.mm(dropped, weight_a.t()).mul_(scale)
         if weight is None:
             out = torch.mm(hidden, weight_b.t())
         else:
             out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
             out.addmm_(hidden, weight_b.t())
-        ctx.scale = scale
-        ctx.save_for_backward(x, drop, weight, weight_a, weight_b, hidden)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        # dA needs the dropped input: keep it rather than redraw it (x itself only for a trainable W).
+        rows_for_weight = rows if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(dropped, rows_for_weight, drop, weight, weight_a, weight_b, hidden)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        x, drop, weight, weight_a, weight_b, hidden = ctx.saved_tensors
+        dropped, rows, drop, weight, weight_a, weight_b, hidden = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        rows = x.reshape(-1, x.shape[-1])
         grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         if needs_b:
             grad_b = grad_rows.t().mm(hidden)
         if needs_x or needs_a:
             grad_hidden = grad_rows.mm(weight_b).mul_(ctx.scale)  # (tokens, r)
             if needs_a:
-                grad_a = grad_hidden.t().mm(_dropped(rows, drop))
+                grad_a = grad_hidden.t().mm(dropped)
             if needs_x:
                 grad_input = grad_hidden.mm(weight_a)
                 if drop is not None:
                     _zero_dropped_(grad_input, drop)
                 if weight is not None:
                     grad_input.addmm_(grad_rows, weight)
-                grad_x = grad_input.view(x.shape)
+                grad_x = grad_input.view(ctx.x_shape)
         if needs_weight:
             grad_weight = grad_rows.t().mm(rows)
         if needs_bias:
