@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit import ConfigError, IA3Config, PeftConfig, TargetModulesError, get_peft_model
 from peftkit.tuners.ia3 import Conv, Linear
+from peftkit.tuners.ia3.layer import IA3Layer
 from tests import properties as prop
 from tests.tiny_models import MODEL_FACTORIES, bert_seq_cls, gpt2, llama, t5
 
@@ -245,3 +246,60 @@ def test_adapters_switch(case):
 def test_training_lowers_loss(case):
     name, tiny = case
     prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), ia3(name, init_ia3_weights=True), lr=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------- folded path
+def _folded_node(output: torch.Tensor) -> bool:
+    return type(output.grad_fn).__name__ == "IA3LinearFunctionBackward"
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, forward) -> list[torch.Tensor]:
+    """Output, then the gradients of x and of every trainable parameter of `layer`, for `forward(x)`."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    out = forward(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return [out.detach(), x.grad.clone(), *(p.grad.clone() for p in layer.parameters() if p.requires_grad)]
+
+
+@pytest.mark.parametrize("feedforward", [False, True], ids=["attention", "feedforward"])
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1d-gpt2"])
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_folded_function_matches_the_module_path(kind, feedforward, trainable_base):
+    """The vector folded into W gives the module path's output and gradients (x, l, and W, b if they train)."""
+    torch.manual_seed(0)
+    base = {"linear": nn.Linear(6, 4), "linear_no_bias": nn.Linear(6, 4, bias=False), "conv1d-gpt2": Conv1D(4, 6)}[kind]
+    layer = _wrapped(base, feedforward).base_model.model[0]
+    layer.base_layer.requires_grad_(trainable_base)
+    x = torch.randn(3, 5, 6).requires_grad_()
+    assert _folded_node(layer(x))
+    folded = _grads(layer, x, layer)
+    expected = _grads(layer, x, lambda inp: IA3Layer.forward(layer, inp))  # the module path
+    assert len(folded) == 3 + trainable_base * (1 + (kind != "linear_no_bias"))
+    for got, want in zip(folded, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_path_is_left_where_it_cannot_apply():
+    """A zero in l (dividing by it), two active adapters, a hooked base, merged weights: the module path."""
+    torch.manual_seed(0)
+    model = _wrapped(nn.Linear(6, 4), feedforward=False)
+    layer = model.base_model.model[0]
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        layer.ia3_l["default"][1] = 0.0
+    out = layer(x)
+    assert not _folded_node(out)
+    torch.testing.assert_close(out, layer.base_layer(x) * layer.ia3_l["default"].flatten())
+    with torch.no_grad():
+        layer.ia3_l["default"][1] = 0.5
+    assert _folded_node(layer(x))
+    model.add_adapter("other", IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False))
+    layer.set_adapter(["default", "other"])
+    assert not _folded_node(layer(x))
+    layer.set_adapter("default")
+    handle = layer.base_layer.register_forward_hook(lambda *_: None)
+    assert not _folded_node(layer(x))
+    handle.remove()
+    model.merge_adapter()
+    assert not _folded_node(layer(x))

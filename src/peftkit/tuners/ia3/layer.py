@@ -23,7 +23,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import AdapterStateError
+from .._core.base_layers import is_plain_linear, unobserved
 from .._core.layer import BaseTunerLayer
+from .fused import IA3LinearFunction, can_fold
 
 
 class IA3Layer(BaseTunerLayer, nn.Module):
@@ -159,6 +161,35 @@ class Linear(IA3Layer):
 
     def _activation_factor(self, vector: torch.Tensor) -> torch.Tensor:
         return vector.flatten()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """As `IA3Layer.forward`; one adapter on a plain CPU base runs as `IA3LinearFunction`."""
+        vector = None if args or kwargs else self._foldable_vector(x)
+        if vector is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        return IA3LinearFunction.apply(x, weight, base.bias, vector, self.is_feedforward)
+
+    def _foldable_vector(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The one active vector when it can be folded into the weight (see `fused.py`), else None.
+
+        That is: adapters on and unmerged, one active adapter, a stock unhooked `nn.Linear` /
+        `Conv1D` base, CPU tensors of one dtype, no autocast and no `torch.compile` (whose graph
+        would break on `can_fold`'s check), and no entry of l near zero.
+        """
+        if self._disable_adapters or self.merged or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        active = self._active_here()
+        base = self.base_layer
+        if len(active) != 1 or not is_plain_linear(base) or not unobserved(base):
+            return None
+        vector = self.ia3_l[active[0]]
+        if torch.is_autocast_enabled("cpu") or len({x.dtype, vector.dtype, base.weight.dtype}) != 1:
+            return None
+        if base.bias is not None and base.bias.dtype != x.dtype:
+            return None
+        return vector if can_fold(vector) else None
 
 
 class Conv(IA3Layer):
