@@ -422,14 +422,15 @@ def _outputs_and_grads(model: nn.Module, layer: nn.Module, x: torch.Tensor, mode
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("base_kind", ["linear", "linear_no_bias", "conv1d"])
-def test_fused_path_equals_materialised_with_dropouts_and_trainable_base(method, base_kind):
+@pytest.mark.parametrize("trainable_base", [True, False])  # False: dL/d delta_W reuses W + delta_W's memory
+def test_fused_path_equals_materialised_with_dropouts_and_trainable_base(method, base_kind, trainable_base):
     """y = x (W + delta_W)^T + b in one matmul: outputs and all gradients as the materialised path."""
     torch.manual_seed(0)
     base = {"linear": nn.Linear(12, 20), "linear_no_bias": nn.Linear(12, 20, bias=False), "conv1d": Conv1D(20, 12)}
     model, layer = _layer(method, base[base_kind], r=3, alpha=5, init_weights=False, rank_dropout=0.3,
                           module_dropout=0.2)
     model.train()
-    layer.base_layer.requires_grad_(True)
+    layer.base_layer.requires_grad_(trainable_base)
     x = torch.randn(3, 4, 12, requires_grad=True)
     for seed in range(4):  # some seeds drop the whole module, the others a random set of rows
         fused = _outputs_and_grads(model, layer, x, "fused", seed)

@@ -338,23 +338,25 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
             return weight + self._scaled_delta(adapter_name, row_scale)
 
     def fused_backward(
-        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor],
-        grad_delta: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
-        """(`W + delta_W`, gradient of each factor in `adapter_params` order given dL/d delta_W).
+        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], list[Optional[torch.Tensor]]]]:
+        """(`W + delta_W`, a function from dL/d delta_W to each factor's gradient in `adapter_params` order).
 
-        Generic form: rebuild delta_W under autograd and differentiate it; methods with a
-        closed form (LoHa) override this to skip the autograd rebuild.
+        Two steps so that backward can drop `W + delta_W` (after the input gradient) before the
+        (out, in) dL/d delta_W exists. Generic form: rebuild delta_W under autograd and
+        differentiate it; methods with a closed form (LoHa) override this to skip the autograd rebuild.
         """
         factors = list(self.adapter_params([adapter_name]))
         with torch.enable_grad():
             delta = self._scaled_delta(adapter_name, row_scale)
         effective = weight + delta.detach()
-        if grad_delta is None:
-            return effective, [None] * len(factors)
-        wanted = [f for f in factors if f.requires_grad]
-        found = iter(torch.autograd.grad(delta, wanted, grad_delta))
-        return effective, [next(found) if f.requires_grad else None for f in factors]
+
+        def factor_grads(grad_delta: torch.Tensor) -> list[Optional[torch.Tensor]]:
+            wanted = [f for f in factors if f.requires_grad]
+            found = iter(torch.autograd.grad(delta, wanted, grad_delta))
+            return [next(found) if f.requires_grad else None for f in factors]
+
+        return effective, factor_grads
 
     def _scaled_delta(self, adapter_name: str, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
         delta = self._delta_kernel(adapter_name)
@@ -389,11 +391,16 @@ class _FusedDeltaLinear(torch.autograd.Function):
         x, weight, row_scale = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        wants_delta = needs_weight or any(ctx.needs_input_grad[6:])
-        grad_delta = grad_rows.t().mm(x.reshape(-1, x.shape[-1])) if wants_delta else None
-        effective, factor_grads = ctx.layer.fused_backward(ctx.adapter_name, weight, row_scale, grad_delta)
+        effective, factor_grads_of = ctx.layer.fused_backward(ctx.adapter_name, weight, row_scale)
         grad_x = grad_rows.mm(effective).view(x.shape) if needs_x else None
-        factor_grads = [grad if need else None for grad, need in zip(factor_grads, ctx.needs_input_grad[6:])]
+        factor_grads: list[Optional[torch.Tensor]] = [None] * (len(ctx.needs_input_grad) - 6)
+        grad_delta = None
+        if needs_weight or any(ctx.needs_input_grad[6:]):
+            # G = grad^T x (dL/d delta_W) overwrites W + delta_W, done with, unless G is W's gradient too.
+            reuse = not needs_weight and effective.is_contiguous()
+            grad_delta = torch.mm(grad_rows.t(), x.reshape(-1, x.shape[-1]), out=effective if reuse else None)
+            factor_grads = [grad if need else None
+                            for grad, need in zip(factor_grads_of(grad_delta), ctx.needs_input_grad[6:])]
         grad_bias = grad_rows.sum(0) if needs_bias else None
         return (grad_x, grad_delta if needs_weight else None, grad_bias, None, None, None, *factor_grads)
 

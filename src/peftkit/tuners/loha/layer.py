@@ -20,7 +20,7 @@ conv; in the CP form the kernel sits in an r^2 -> r^2 core conv between two 1x1 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -33,11 +33,23 @@ def _row_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return (left.unsqueeze(1) * right.unsqueeze(0)).reshape(left.shape[0] * right.shape[0], -1)
 
 
-def _effective(weight: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, scale: Any) -> torch.Tensor:
-    """`W + scale * p1 * p2`; `scale` a number or an (out, 1) column."""
+def _effective(
+    weight: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, scale: Any, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`W + scale * p1 * p2`; `scale` a number or an (out, 1) column; `out=p1` reuses p1's memory."""
     if isinstance(scale, torch.Tensor):
-        return torch.addcmul(weight, p1 * scale, p2)
-    return torch.addcmul(weight, p1, p2, value=scale)
+        return torch.addcmul(weight, p1 * scale, p2, out=out)
+    return torch.addcmul(weight, p1, p2, value=scale, out=out)
+
+
+def _pair_grads(
+    wa: torch.Tensor, wb: torch.Tensor, grad_p: torch.Tensor, scale: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dWa, dWb) of `scale * P`, P = Wa Wb, given `grad_p` = dL/d(scale * P) * P's partner: the
+    scale (a number or an (out, 1) column) is applied to the rank-r results, not to an (out, in) one."""
+    if isinstance(scale, torch.Tensor):
+        return (grad_p @ wb.T) * scale, (wa * scale).T @ grad_p
+    return (grad_p @ wb.T).mul_(scale), (wa.T @ grad_p).mul_(scale)
 
 
 class LoHaLayer(LycorisLayer):
@@ -93,27 +105,32 @@ class LoHaLayer(LycorisLayer):
     def fused_effective_weight(
         self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """`W + s (W1a W1b) * (W2a W2b)` in one addcmul."""
+        """`W + s (W1a W1b) * (W2a W2b)` in one addcmul, written over the first product."""
         with torch.no_grad():
             w1a, w1b, w2a, w2b = self._linear_factors(adapter_name)
-            return _effective(weight, w1a @ w1b, w2a @ w2b, self._row_scale(adapter_name, row_scale))
+            p1 = w1a @ w1b
+            return _effective(weight, p1, w2a @ w2b, self._row_scale(adapter_name, row_scale), out=p1)
 
     def fused_backward(
-        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor],
-        grad_delta: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
-        r"""Closed form: with `G' = s G`, `dP1 = G' * P2`, `dP2 = G' * P1`, then
-        `dW1a = dP1 W1b^T`, `dW1b = W1a^T dP1` (likewise for W2)."""
+        self, adapter_name: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], list[Optional[torch.Tensor]]]]:
+        r"""Closed form: with `P1 = W1a W1b`, `P2 = W2a W2b` and G = dL/d delta_W,
+        `dP1 = s G * P2`, `dP2 = s G * P1`, then `dW1a = dP1 W1b^T`, `dW1b = W1a^T dP1` (likewise
+        for W2). The products are written over P2 and P1 (each is done with by then) and s is
+        applied to the rank-r results, so backward allocates no (out, in) tensor beyond P1, P2 and
+        `W + delta_W`."""
         w1a, w1b, w2a, w2b = self._linear_factors(adapter_name)
         scale = self._row_scale(adapter_name, row_scale)
         with torch.no_grad():
             p1, p2 = w1a @ w1b, w2a @ w2b
             effective = _effective(weight, p1, p2, scale)
-            if grad_delta is None:
-                return effective, [None] * 4
-            scaled = grad_delta * scale
-            grad_p1, grad_p2 = scaled * p2, scaled.mul_(p1)
-            return effective, [grad_p1 @ w1b.T, w1a.T @ grad_p1, grad_p2 @ w2b.T, w2a.T @ grad_p2]
+
+        def factor_grads(grad_delta: torch.Tensor) -> list[Optional[torch.Tensor]]:
+            with torch.no_grad():
+                grad_p1, grad_p2 = p2.mul_(grad_delta), p1.mul_(grad_delta)
+                return [*_pair_grads(w1a, w1b, grad_p1, scale), *_pair_grads(w2a, w2b, grad_p2, scale)]
+
+        return effective, factor_grads
 
     # ------------------------------------------------------------------ factored
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
