@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import LORA_TARGETS, build, make_batch, make_step  # noqa: E402
+from paired import frozen_bound, paired_ratio, pairing_options  # noqa: E402
+from workloads import LORA_TARGETS, build, make_step  # noqa: E402
 
 RANK = 16
 
@@ -90,33 +89,15 @@ def floor_model(kind: str) -> nn.Module:
     return model
 
 
-def timed(step) -> float:
-    start = time.perf_counter()
-    step()
-    return (time.perf_counter() - start) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("floors", nargs="*", default=["lora_r16", "loha", "dora_p05"])
-    parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    ids = make_batch()
-    frozen_model, _ = build("frozen", "peftkit")
-    frozen = make_step(frozen_model.train(), [], ids)
+    args = pairing_options(parser).parse_args()
+    frozen, ids = frozen_bound("peftkit", args.threads)
     for kind in args.floors:
         step = make_step(floor_model(kind).train(), [], ids)
-        for _ in range(args.warmup):
-            frozen(), step()
-        pairs = [(timed(frozen), timed(step)) for _ in range(args.pairs)]
-        ratios = [floor_ms / frozen_ms for frozen_ms, floor_ms in pairs]
-        print(json.dumps({"floor": kind, "ratio": round(statistics.median(ratios), 3),
-                          "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
-                          "frozen_ms": round(statistics.median(p[0] for p in pairs), 1),
-                          "floor_ms": round(statistics.median(p[1] for p in pairs), 1)}), flush=True)
+        result = paired_ratio(frozen, step, args.pairs, args.warmup)
+        print(json.dumps({"floor": kind, **result}), flush=True)
 
 
 if __name__ == "__main__":

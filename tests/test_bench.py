@@ -13,6 +13,7 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import floors  # noqa: E402
+import paired  # noqa: E402
 import run_all  # noqa: E402
 import workloads  # noqa: E402
 
@@ -97,3 +98,14 @@ def test_floor_layers_do_the_base_maths_plus_only_their_extra_matmuls(tiny_workl
         expected_grad = expected_grad + (layer.b @ layer.a).sum(0).expand(3, -1)
     torch.testing.assert_close(out, factor * base if kind == "dora_p05" else base)
     torch.testing.assert_close(x.grad, expected_grad)
+
+
+def test_paired_ratio_is_the_median_of_per_pair_ratios(monkeypatch):
+    """Steps alternate (frozen first); each pair's ratio is row / frozen, and warm-up pairs are not timed."""
+    calls = []
+    durations = iter([100.0, 150.0, 200.0, 220.0, 100.0, 130.0])  # frozen, row, frozen, row, ...
+    monkeypatch.setattr(paired, "timed", lambda step: (step(), next(durations))[1])
+    result = paired.paired_ratio(lambda: calls.append("f"), lambda: calls.append("r"), pairs=3, warmup=1)
+    assert calls == ["f", "r"] * 4
+    assert (result["ratio"], result["ratio_min"], result["ratio_max"]) == (1.3, 1.1, 1.5)
+    assert (result["frozen_ms"], result["row_ms"]) == (100.0, 150.0)
