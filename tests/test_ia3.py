@@ -281,11 +281,13 @@ def test_folded_function_matches_the_module_path(kind, feedforward, trainable_ba
 
 
 def test_folded_path_is_left_where_it_cannot_apply():
-    """A zero in l (dividing by it), two active adapters, a hooked base, merged weights: the module path."""
+    """A zero in l (dividing by it), few tokens (decoding), two active adapters, a hooked base, merged
+    weights: the module path."""
     torch.manual_seed(0)
     model = _wrapped(nn.Linear(6, 4), feedforward=False)
     layer = model.base_model.model[0]
-    x = torch.randn(2, 6)
+    x = torch.randn(8, 6)
+    assert not _folded_node(layer(x[:6]))  # 6 tokens: scaling the 4 x 6 weight costs more than the 6 x 4 output
     with torch.no_grad():
         layer.ia3_l["default"][1] = 0.0
     out = layer(x)

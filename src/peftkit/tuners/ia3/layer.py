@@ -176,9 +176,14 @@ class Linear(IA3Layer):
 
         That is: adapters on and unmerged, one active adapter, a stock unhooked `nn.Linear` /
         `Conv1D` base, CPU tensors of one dtype, no autocast and no `torch.compile` (whose graph
-        would break on `can_fold`'s check), and no entry of l near zero.
+        would break on `can_fold`'s check), no entry of l near zero, and more tokens than the
+        weight's other dimension: scaling the (out, in) weight must be cheaper than scaling the
+        activation (it is not when decoding one token at a time).
         """
         if self._disable_adapters or self.merged or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+        if tokens <= (self.out_features if self.is_feedforward else self.in_features):
             return None
         active = self._active_here()
         base = self.base_layer
