@@ -28,6 +28,11 @@ def can_fold(vector: torch.Tensor) -> bool:
     return bool(vector.abs().min() >= torch.finfo(vector.dtype).tiny ** 0.5)
 
 
+def _weight_factor(vector: torch.Tensor, feedforward: bool) -> torch.Tensor:
+    """l shaped to scale the (out, in) weight's columns (feed-forward) or rows (attention-type)."""
+    return vector.view(1, -1) if feedforward else vector.view(-1, 1)
+
+
 class IA3LinearFunction(torch.autograd.Function):
     """`x (W * l)^T + b'` for a (out, in) weight; `feedforward` picks l's axis (in) or (out)."""
 
@@ -37,20 +42,19 @@ class IA3LinearFunction(torch.autograd.Function):
         feedforward: bool,
     ) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        factor = vector.view(1, -1) if feedforward else vector.view(-1, 1)
-        scaled = weight * factor
+        scaled = weight * _weight_factor(vector, feedforward)
         if bias is not None and not feedforward:
             bias = bias * vector.view(-1)
         out = torch.mm(rows, scaled.t()) if bias is None else torch.addmm(bias, rows, scaled.t())
         ctx.feedforward, ctx.x_shape = feedforward, x.shape
         # feed-forward: l's gradient needs x; attention-type: it needs y, the output itself.
         ctx.save_for_backward(rows if feedforward or ctx.needs_input_grad[1] else None,
-                              None if feedforward else out, weight, scaled, vector)
+                              None if feedforward else out, scaled, vector)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        rows, out, weight, scaled, vector = ctx.saved_tensors
+        rows, out, scaled, vector = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, needs_vector = ctx.needs_input_grad[:4]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = grad_weight = grad_bias = grad_vector = None
@@ -61,8 +65,7 @@ class IA3LinearFunction(torch.autograd.Function):
         if needs_x:
             grad_x = grad_input.view(ctx.x_shape)
         if needs_weight:
-            factor = vector.view(1, -1) if ctx.feedforward else vector.view(-1, 1)
-            grad_weight = grad_rows.t().mm(rows).mul_(factor)
+            grad_weight = grad_rows.t().mm(rows).mul_(_weight_factor(vector, ctx.feedforward))
         if needs_bias:
             grad_bias = grad_rows.sum(0) if ctx.feedforward else grad_rows.sum(0) * vector.view(-1)
         return grad_x, grad_weight, grad_bias, grad_vector, None
