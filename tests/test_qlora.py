@@ -15,7 +15,7 @@ from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_mod
 from peftkit.errors import ConfigError
 from peftkit.quantization import Linear4bit, Linear8bit, QuantizationConfig, QuantizedLinear, dequantize_model, quantize_model
 from peftkit.quantization.lora_layers import dense_weight, store_dense_weight
-from tests.bnb_helpers import bnb, bnb_quantize_model, needs_bnb
+from tests.bnb_helpers import bnb, bnb_forward_disagreement, bnb_llama, bnb_quantize_model, needs_bnb, skip_if_kernel_disagrees
 from tests.properties import output_of
 from tests.tiny_models import llama, lm_inputs
 
@@ -201,11 +201,13 @@ def test_dora_on_quantized_base_equals_dora_on_the_dequantized_base(quantization
 def test_lora_over_bitsandbytes_layers_matches_ours(four_bit):
     inputs = lm_inputs()
     quant = {"load_in_4bit": True, "bnb_4bit_use_double_quant": True} if four_bit else {"load_in_8bit": True}
-    ours = get_peft_model(quantize_model(llama(), QuantizationConfig(**quant)), seeds_config(lora_dropout=0.0))
-    theirs = get_peft_model(bnb_quantize_model(llama(), four_bit=four_bit), seeds_config(lora_dropout=0.0))
+    ours = get_peft_model(quantize_model(bnb_llama(), QuantizationConfig(**quant)), seeds_config(lora_dropout=0.0))
+    theirs = get_peft_model(bnb_quantize_model(bnb_llama(), four_bit=four_bit), seeds_config(lora_dropout=0.0))
     assert isinstance(theirs.base_model.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    skip_if_kernel_disagrees(bnb_forward_disagreement(theirs))
     randomize_adapters(ours)
     theirs.load_state_dict(ours.state_dict(), strict=False)
+    ours.train(), theirs.train()  # no dropout; keeps bitsandbytes' CPU weight layout (see bnb_helpers)
     with torch.no_grad():
         expected = ours(**inputs).logits
         got = theirs(**inputs).logits
@@ -219,3 +221,46 @@ def test_lora_over_bitsandbytes_layers_matches_ours(four_bit):
     loss = theirs(**inputs).loss
     loss.backward()
     assert theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad is not None
+
+
+def _bnb_linear4bit(out_features: int, in_features: int, double_quant: bool):
+    linear = torch.nn.Linear(in_features, out_features)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=double_quant, device="meta")
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant, module=layer).to("cpu")
+    layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return layer
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(64, 32), (96, 128)], ids=["32-inputs", "128-inputs"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_bitsandbytes_4bit_weight_is_decoded_from_its_codes_before_and_after_a_cpu_inference_forward(shape, double_quant):
+    from peftkit.quantization.bnb import dequantize
+    from tests.bnb_helpers import dequantize_4bit_by_formula
+
+    layer = _bnb_linear4bit(*shape, double_quant)
+    before = dequantize(layer)
+    # bitsandbytes' own CPU kernel is wrong under 64 inputs on some CPUs; the formula is not.
+    assert torch.equal(before, dequantize_4bit_by_formula(layer.weight.data, layer.weight.quant_state))
+    if shape[1] < 64:
+        return  # bitsandbytes' repacking forward refuses this width
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, shape[1]))  # on AVX512-BF16 CPUs this repacks weight.data in place
+    after = dequantize(layer)
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        # Same codes in another layout; absmax now held in bfloat16 (relative rounding <= 2^-8).
+        assert torch.allclose(after, before, rtol=2**-8, atol=0)
+        assert not torch.equal(layer.weight.data.view(-1)[:64], torch.zeros(64, dtype=torch.uint8))
+    else:
+        assert torch.equal(after, before)
+    lora = get_peft_model(torch.nn.Sequential(layer), LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    delta = lora.base_model.model[0].get_delta_weight("default").detach()
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        lora.merge_adapter()
+    merged = dequantize(lora.base_model.model[0].get_base_layer())
+    # Re-quantized W + delta W: within one NF4 step of it, not the scrambled bytes of a repacked weight.
+    step = (after + delta).abs().reshape(-1, 64).amax(dim=1).repeat_interleave(64).view(shape) * 0.33
+    assert ((merged - (after + delta)).abs() <= step).all()

@@ -22,7 +22,7 @@ from peftkit.quantization import (
     quantize_model,
     save_quantized_model,
 )
-from tests.bnb_helpers import bnb_quantize_model, needs_bnb
+from tests.bnb_helpers import bnb_forward_disagreement, bnb_llama, bnb_quantize_model, needs_bnb, skip_if_kernel_disagrees
 from tests.tiny_models import llama, lm_inputs
 
 ATTENTION = ["q_proj", "v_proj"]
@@ -223,12 +223,15 @@ def _settings(base) -> dict:
 @pytest.mark.parametrize("method", METHODS)
 def test_over_bitsandbytes_layers_matches_ours(method, four_bit):
     inputs = lm_inputs()
-    ours = get_peft_model(quantized_llama("nf4" if four_bit else "int8"), method_config(method))
-    theirs = get_peft_model(bnb_quantize_model(llama(), four_bit=four_bit), method_config(method))
+    quant = QuantizationConfig(**QUANTS["nf4" if four_bit else "int8"])
+    ours = get_peft_model(quantize_model(bnb_llama(), quant), method_config(method))
+    theirs = get_peft_model(bnb_quantize_model(bnb_llama(), four_bit=four_bit), method_config(method))
     assert type(first_layer(theirs)) is LAYER_TYPES[method]
+    skip_if_kernel_disagrees(bnb_forward_disagreement(theirs))
     randomize_adapters(ours)
     _, unexpected = theirs.load_state_dict(adapter_state(ours), strict=False)
     assert not unexpected
+    ours.train(), theirs.train()  # no dropout; keeps bitsandbytes' CPU weight layout (see bnb_helpers)
     with torch.no_grad():
         expected = ours(**inputs).logits
         got = theirs(**inputs).logits
@@ -240,7 +243,14 @@ def test_over_bitsandbytes_layers_matches_ours(method, four_bit):
             theirs.merge_adapter()
         assert first_layer(theirs).merged
         merged = theirs(**inputs).logits
-        assert (merged - got).abs().mean() < 0.15 * got.abs().mean()
+        with pytest.warns(UserWarning, match="re-quantizes"):
+            ours.merge_adapter()
+        # Both re-quantize the same dense W + delta W: the merged models agree far more closely than
+        # merged and unmerged do (4-bit: only bitsandbytes' native nested-absmax codes differ, ~0.2%).
+        gap = (merged - ours(**inputs).logits).abs().mean()
+        assert gap < (0.01 if four_bit else 0.1) * merged.abs().mean()
+        if four_bit:
+            assert gap < 0.5 * (merged - got).abs().mean()
         theirs.unmerge_adapter()
     loss = theirs(**inputs).loss
     loss.backward()

@@ -9,6 +9,7 @@ import torch
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.integrations import PeftkitTrainer
+from peftkit.utils.hf_compat import checkpointing_argument
 
 from .cli_helpers import save_tiny_models
 
@@ -38,6 +39,13 @@ def _dataset(path, n: int = 32):
     return datasets.Dataset.from_dict({**encoded, "labels": [i % 2 for i in range(n)]})
 
 
+def _checkpointing_on() -> dict:
+    """Activation checkpointing on, under the flag name of the installed transformers (renamed in 5.23)."""
+    from transformers import TrainingArguments
+
+    return {checkpointing_argument(TrainingArguments): True}
+
+
 def _args(out, **kwargs):
     from transformers import TrainingArguments
 
@@ -49,7 +57,7 @@ def _args(out, **kwargs):
 def test_trainer_checkpoints_hold_the_adapter_only_and_best_model_reloads(tiny, tmp_path) -> None:
     data = _dataset(tiny["bert"])
     args = _args(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
-                 load_best_model_at_end=True, metric_for_best_model="eval_loss", activation_checkpointing=True)
+                 load_best_model_at_end=True, metric_for_best_model="eval_loss", **_checkpointing_on())
     model = _seq_cls_model(tiny["bert"])
     trainer = PeftkitTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)))
     trainer.train()

@@ -24,6 +24,7 @@ from .config import PeftConfig
 from .errors import AdapterNameError, CheckpointError, ConfigError
 from .registry import method_spec
 from .utils.adapter_names import validate_adapter_name
+from .utils.hf_compat import enable_activation_checkpointing
 from .utils.constants import CLASSIFIER_MODULE_NAMES, CONFIG_NAME, QA_MODULE_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.peft_types import TaskType
 
@@ -157,11 +158,7 @@ class PeftModel(nn.Module):
         Same signature as transformers 5's `PreTrainedModel.activation_checkpointing_enable`
         (extra keywords such as `every_n_layers` pass through).
         """
-        model = self.get_base_model()
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        enable_activation_checkpointing(self.get_base_model(), activation_checkpointing_kwargs, **kwargs)
         self._enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:

@@ -25,6 +25,7 @@ from ..checkpoint.io import read_weights_file
 from ..checkpoint.state_dict import set_peft_model_state_dict
 from ..errors import CheckpointError
 from ..peft_model import PeftModel
+from ..utils.hf_compat import checkpointing_argument, enable_activation_checkpointing
 
 TRAINING_ARGS_NAME = "training_args.bin"
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -64,21 +65,18 @@ class PeftkitTrainerMixin:
         `gradient_checkpointing_kwargs` instead, so we enable it here and hide the flag from Trainer.
         """
         model = _peftkit_model(self)
-        if model is None or not self.args.activation_checkpointing:
+        flag = checkpointing_argument(self.args)  # the flag's name moved in transformers 5.23 (hf_compat)
+        if model is None or not getattr(self.args, flag):
             return super().train(*args, **kwargs)  # type: ignore[misc]
-        options = dict(self.args.activation_checkpointing_kwargs or {})
-        base = model.get_base_model()
-        base.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=options or None,
-            every_n_layers=options.pop("every_n_layers", 1),
-            offload=options.pop("offload", False),
-        )
+        options = dict(getattr(self.args, f"{flag}_kwargs", None) or {})
+        extra = {key: options.pop(key) for key in ("every_n_layers", "offload") if key in options}
+        enable_activation_checkpointing(model.get_base_model(), options or None, **extra)
         model._enable_input_require_grads()
-        self.args.activation_checkpointing = False
+        setattr(self.args, flag, False)
         try:
             return super().train(*args, **kwargs)  # type: ignore[misc]
         finally:
-            self.args.activation_checkpointing = True
+            setattr(self.args, flag, True)
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         model = _peftkit_model(self)

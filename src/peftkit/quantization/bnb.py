@@ -23,14 +23,41 @@ def is_bnb_linear(module: nn.Module) -> bool:
 
 
 def dequantize(layer: nn.Module) -> torch.Tensor:
-    """The bitsandbytes layer's weight as float32 (out, in)."""
-    import bitsandbytes.functional as bnb_functional
+    """The bitsandbytes layer's weight as float32 (out, in), decoded from its codes and scales.
 
+    4-bit weights are decoded here by the format's formula (`code[nibble] * absmax[block]`, the
+    nested absmax as `code8[q] * absmax2[q // 256] + offset`) with the code tables the layer's
+    quant state holds, not by bitsandbytes' CPU kernel: that kernel is wrong for layers with fewer
+    than 64 input features on some CPUs. A weight that `Linear4bit`'s first CPU forward repacked
+    (AVX512-BF16 machines) is read in that layout.
+    """
     weight = layer.weight
     if isinstance(layer, _bnb_nn().Linear4bit):
-        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        return _dequantize_4bit(weight.data, weight.quant_state)
     scale = weight.SCB if weight.SCB is not None else layer.state.SCB
     return weight.data.float() * (scale.float().unsqueeze(1) / 127.0)
+
+
+def _dequantize_4bit(data: torch.Tensor, state: object) -> torch.Tensor:
+    rows, columns = state.shape
+    flat = data.reshape(-1).view(torch.uint8)
+    if getattr(state, "packing_format_for_cpu", False):
+        # Repacked layout: per 32 output rows and per pair of columns, 32 low nibbles then 32 high
+        # nibbles (row-major inside the group); absmax transposed to (columns / blocksize, rows), bf16.
+        groups = flat.view(-1, 32)
+        pairs = torch.cat((groups & 0x0F, groups >> 4), dim=1).view(rows // 32, columns // 2, 32, 2)
+        indices = pairs.transpose(1, 2).reshape(-1).long()
+        absmax = state.absmax.float().T.reshape(-1)
+    else:
+        indices = torch.stack((flat >> 4, flat & 0x0F), dim=1).reshape(-1).long()
+        absmax = state.absmax.float()
+        if getattr(state, "nested", False):
+            nested = state.state2
+            absmax = nested.code[state.absmax.long()] * nested.absmax.repeat_interleave(nested.blocksize)[: absmax.numel()]
+            absmax = absmax + state.offset
+    n = rows * columns
+    scales = absmax.repeat_interleave(state.blocksize)[:n]
+    return (state.code.float()[indices[:n]] * scales).view(rows, columns)
 
 
 def requantize(layer: nn.Module, weight: torch.Tensor) -> None:

@@ -92,7 +92,8 @@ def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 def _scale_blocks(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     blocks, n = _blocks(weight.detach().reshape(-1).float(), blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks / absmax.clamp(min=1e-38).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
+    # Times the reciprocal (not divided): bitsandbytes' CUDA and PyTorch kernels round this way.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
     return scaled, absmax, n
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from ...utils.hf_compat import get_cache, put_cache
 from ...utils.peft_types import PeftType, TaskType
 
 
@@ -72,7 +73,8 @@ def prepare_forward_inputs(tuner: Any, adapter_name: str, kwargs: dict[str, Any]
             kwargs["attention_mask"] = with_leading_ones(kwargs.get("attention_mask"), count)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + count
-        kwargs["past_key_values"] = prefix_cache(tuner.prompt_table(adapter_name, batch), config)
+        # The prefix is the cache (a head that takes none hands it to its backbone: PromptLearningModel.forward).
+        put_cache(kwargs, prefix_cache(tuner.prompt_table(adapter_name, batch), config), tuner.model)
         return kwargs
     if kwargs.get("position_ids") is not None:
         warnings.warn("position_ids are not supported with prompt tuning / P-tuning; ignoring them.", stacklevel=4)
@@ -98,12 +100,12 @@ def prepare_generation_step(tuner: Any, adapter_name: str, model_inputs: dict[st
     """Adjust one step's inputs of `generate`: virtual tokens on the first step, longer masks on every step."""
     config = tuner.peft_config[adapter_name]
     count = config.num_virtual_tokens
-    cache = model_inputs.get("past_key_values")
+    cache = get_cache(model_inputs)
     first_step = cache is None or cache.get_seq_length() == 0
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         if first_step and config.peft_type == PeftType.PREFIX_TUNING:
             batch = model_inputs["decoder_input_ids"].shape[0]
-            model_inputs["past_key_values"] = prefix_cache(tuner.prompt_table(adapter_name, batch), config)
+            put_cache(model_inputs, prefix_cache(tuner.prompt_table(adapter_name, batch), config), tuner.model)
         return model_inputs
     model_inputs["attention_mask"] = with_leading_ones(model_inputs.get("attention_mask"), count)
     batch = batch_size_of(model_inputs)
@@ -111,7 +113,7 @@ def prepare_generation_step(tuner: Any, adapter_name: str, model_inputs: dict[st
         if model_inputs.get("position_ids") is not None:
             model_inputs["position_ids"] = model_inputs["position_ids"] + count
         if first_step:
-            model_inputs["past_key_values"] = prefix_cache(tuner.prompt_table(adapter_name, batch), config)
+            put_cache(model_inputs, prefix_cache(tuner.prompt_table(adapter_name, batch), config), tuner.model)
         return model_inputs
     model_inputs.pop("position_ids", None)  # positions follow the cache, virtual tokens included
     if first_step:

@@ -9,7 +9,6 @@ plus any trained classifier head.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterStateError, CheckpointError, ConfigError
+from ...utils.hf_compat import cache_argument, pop_cache, rename_cache
 from ...utils.peft_types import PeftType
 from .._core.matching import key_matches
 from .._core.tuner import BaseTuner
@@ -125,15 +125,20 @@ class PromptLearningModel(BaseTuner):
 
     @contextmanager
     def _cache_reaches_backbone(self, kwargs: dict[str, Any]) -> Iterator[None]:
-        """Heads whose forward takes no `past_key_values` (e.g. BERT classifiers) get it on their backbone."""
-        cache = kwargs.get("past_key_values")
-        if cache is None or "past_key_values" in inspect.signature(self.model.forward).parameters:
+        """Pass the KV cache under the name the model takes (`hf_compat`); heads whose forward
+        takes none (e.g. BERT classifiers) get it on their backbone."""
+        cache = pop_cache(kwargs)
+        if cache is None:
             yield
             return
-        kwargs.pop("past_key_values")
-        backbone = _backbone_of(self.model)
+        name = cache_argument(self.model)
+        if name is not None:
+            kwargs[name] = cache
+            yield
+            return
+        backbone, backbone_name = _backbone_of(self.model)
         handle = backbone.register_forward_pre_hook(
-            lambda _module, args, module_kwargs: (args, {**module_kwargs, "past_key_values": cache}), with_kwargs=True
+            lambda _module, args, module_kwargs: (args, {**module_kwargs, backbone_name: cache}), with_kwargs=True
         )
         try:
             yield
@@ -157,7 +162,8 @@ class PromptLearningModel(BaseTuner):
         had_instance_attribute = "prepare_inputs_for_generation" in model.__dict__
 
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> dict[str, Any]:
-            return prepare_generation_step(self, name, original(*args, **kwargs))
+            # Every step, not only the first: transformers names the cache its own way (hf_compat).
+            return rename_cache(prepare_generation_step(self, name, original(*args, **kwargs)), model)
 
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         try:
@@ -217,13 +223,18 @@ class PromptLearningModel(BaseTuner):
         return missing, unexpected
 
 
-def _backbone_of(model: nn.Module) -> nn.Module:
-    """The first child that is itself a transformers model (e.g. `bert` of BertForSequenceClassification)."""
+def _backbone_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """The first child that is itself a transformers model (e.g. `bert` of BertForSequenceClassification),
+    and the name under which its forward takes the KV cache."""
     from transformers import PreTrainedModel
 
     for _, child in model.named_children():
         if isinstance(child, PreTrainedModel):
-            if "past_key_values" not in inspect.signature(child.forward).parameters:
+            name = cache_argument(child)
+            if name is None:
                 break
-            return child
-    raise ConfigError(f"{type(model).__name__} takes no past_key_values; prefix tuning cannot be used with it.")
+            return child, name
+    raise ConfigError(
+        f"{type(model).__name__} takes no KV cache (neither its forward nor its backbone's has a cache argument); "
+        "prefix tuning needs one. Use prompt tuning or P-tuning with this model, or a model whose forward takes a cache."
+    )
