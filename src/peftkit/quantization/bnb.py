@@ -66,8 +66,10 @@ def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
     old = layer.weight
     device = old.device
     if isinstance(layer, bnb_nn.Linear4bit):
+        # A weight repacked by a CPU inference forward reports bfloat16; quantize from the original dtype.
+        dtype = getattr(old.quant_state, "original_dtype", old.quant_state.dtype)
         new = bnb_nn.Params4bit(
-            weight.detach().to("cpu", old.quant_state.dtype), requires_grad=False, blocksize=old.blocksize,
+            weight.detach().to("cpu", dtype), requires_grad=False, blocksize=old.blocksize,
             compress_statistics=old.compress_statistics, quant_type=old.quant_type,
             quant_storage=old.quant_storage, module=layer,
         )
