@@ -153,3 +153,25 @@ def test_checkpointing_argument_names_a_real_training_argument(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{flag: True})
     assert getattr(args, flag) is True
     assert checkpointing_argument(args) == flag
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generation_step_moves_cache_position_past_the_virtual_tokens(method):
+    """transformers < 5.4 hands `cache_position` to every generate step; it must count the virtual tokens."""
+    from transformers import DynamicCache
+
+    from peftkit.tuners._prompt.inputs import prepare_generation_step
+
+    model = get_peft_model(_tiny(LlamaForCausalLM), CONFIGS[method]())
+    first = prepare_generation_step(model.base_model, "default", {
+        "input_ids": torch.tensor([[3, 4, 5, 6]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        "cache_position": torch.arange(4), "past_key_values": DynamicCache(),
+    })
+    assert first["cache_position"].tolist() == ([0, 1, 2, 3, 4, 5, 6] if method == "prompt" else [3, 4, 5, 6])
+    past = DynamicCache()
+    past.update(torch.zeros(1, 2, 7, 8), torch.zeros(1, 2, 7, 8), 0)  # virtual tokens + prompt already cached
+    later = prepare_generation_step(model.base_model, "default", {
+        "input_ids": torch.tensor([[9]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+        "cache_position": torch.tensor([4]), "past_key_values": past,
+    })
+    assert later["cache_position"].tolist() == [7] and later["attention_mask"].shape == (1, 8)
