@@ -136,3 +136,12 @@ def test_peft_type_enum_values():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LoraConfig()  # a default config is valid and silent
+
+
+def test_a_peft_type_registers_once():
+    from peftkit.registry import method_spec, register_method
+
+    before = method_spec(PeftType.LORA)
+    with pytest.raises(ConfigError, match="'LORA' is registered already .*LoraConfig.*peft_type of its own"):
+        register_method(PeftType.LORA, PeftConfig, object, prefix="other_")
+    assert method_spec(PeftType.LORA) == before

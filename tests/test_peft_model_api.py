@@ -132,6 +132,35 @@ def test_missing_folder_and_offline_hub_id_give_clear_errors(tmp_path, monkeypat
         PeftModel.from_pretrained(llama(), "some-user/no-such-adapter")
 
 
+@pytest.mark.parametrize("how", ["from_pretrained", "load_adapter"])
+def test_hub_arguments_reach_every_download(tmp_path, monkeypatch, how):
+    """One list of hub arguments for every loader: repo_type, revision and subfolder reach each
+    hf_hub_download call (a stand-in serving a local folder: nothing is fetched)."""
+    import huggingface_hub
+
+    model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+    model.save_pretrained(str(tmp_path / "sub"))
+    calls = []
+
+    def fake_download(repo_id, filename, subfolder=None, **kwargs):
+        calls.append((repo_id, filename, subfolder, kwargs))
+        return str(tmp_path / subfolder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    hub = {"repo_type": "model", "revision": "v1", "subfolder": "sub"}
+    if how == "from_pretrained":
+        loaded = PeftModel.from_pretrained(llama(), "someone/adapter", **hub)
+    else:
+        loaded = get_peft_model(llama(), lora(target_modules=["q_proj"]))
+        loaded.load_adapter("someone/adapter", adapter_name="other", **hub)
+        loaded.set_adapter("other")
+    assert {filename for _, filename, _, _ in calls} == {"adapter_config.json", "adapter_model.safetensors"}
+    for repo_id, _, subfolder, kwargs in calls:
+        assert repo_id == "someone/adapter" and subfolder == "sub"
+        assert kwargs == {"repo_type": "model", "revision": "v1"}
+    assert_close(output_of(loaded, lm_inputs()), output_of(model, lm_inputs()))
+
+
 def test_bin_weights_load_only_tensors(tmp_path):
     model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
     model.save_pretrained(str(tmp_path), safe_serialization=False)

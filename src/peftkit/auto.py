@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import transformers
 
+from .checkpoint.io import HUB_KWARGS, hub_kwargs_of
 from .config import PeftConfig
 from .errors import ConfigError
 from .peft_model import (
@@ -23,7 +24,6 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 
-_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
 
 
 class AutoPeftModel:
@@ -44,7 +44,7 @@ class AutoPeftModel:
     ) -> PeftModel:
         """Load `base_model_name_or_path` with the Auto class, then the adapter onto it."""
         path = os.fspath(pretrained_model_name_or_path)
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        hub_kwargs = hub_kwargs_of(kwargs)
         peft_config = config or PeftConfig.from_pretrained(path, **hub_kwargs)
         base_name = peft_config.base_model_name_or_path
         if not base_name:
@@ -52,7 +52,7 @@ class AutoPeftModel:
                 f"The adapter at {path!r} does not name its base model (base_model_name_or_path is empty); "
                 "load the base model yourself and use PeftModel.from_pretrained(model, adapter_path)."
             )
-        model_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}
         auto_cls = getattr(transformers, cls.auto_model_name)
         base_model = auto_cls.from_pretrained(base_name, revision=peft_config.revision, **model_kwargs)
         return cls.peft_model_cls.from_pretrained(

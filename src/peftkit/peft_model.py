@@ -18,17 +18,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint.io import commit_files, load_adapter_weights, text_writer, weights_writer
+from .checkpoint.io import commit_files, hub_kwargs_of, load_adapter_weights, text_writer, weights_writer
 from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig
 from .errors import AdapterNameError, CheckpointError, ConfigError
 from .registry import method_spec
 from .utils.adapter_names import validate_adapter_name
-from .utils.hf_compat import enable_activation_checkpointing
 from .utils.constants import CLASSIFIER_MODULE_NAMES, CONFIG_NAME, QA_MODULE_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.hf_compat import enable_activation_checkpointing
 from .utils.peft_types import TaskType
 
-_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
 
 
 class PeftModel(nn.Module):
@@ -262,7 +261,7 @@ class PeftModel(nn.Module):
     ) -> "PeftModel":
         """Wrap `model` and load an adapter saved by peftkit or peft (local folder or hub id)."""
         validate_adapter_name(adapter_name)
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        hub_kwargs = hub_kwargs_of(kwargs)
         if config is None:
             config = PeftConfig.from_pretrained(os.fspath(model_id), **hub_kwargs)
         if config.is_prompt_learning and is_trainable:
@@ -294,7 +293,7 @@ class PeftModel(nn.Module):
         If anything fails (bad config, missing file, shape mismatch) the model is left unchanged.
         """
         validate_adapter_name(adapter_name)
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        hub_kwargs = hub_kwargs_of(kwargs)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"An adapter named {adapter_name!r} is loaded already; pick another name.")
         config = PeftConfig.from_pretrained(os.fspath(model_id), **hub_kwargs)

@@ -29,8 +29,17 @@ _METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(peft_type: Any, config_cls: type, tuner_cls: type, prefix: str) -> None:
-    """Make a method known to `get_peft_model`, `PeftConfig.from_pretrained` and the loaders."""
+    """Make a method known to `get_peft_model`, `PeftConfig.from_pretrained` and the loaders.
+
+    A peft_type registers once: a second registration would silently replace the first method.
+    """
     key = str(getattr(peft_type, "value", peft_type))
+    if key in _METHODS:
+        taken = _METHODS[key]
+        raise ConfigError(
+            f"peft_type {key!r} is registered already (config {taken.config_cls.__name__}, tuner "
+            f"{taken.tuner_cls.__name__}); register the new method under a peft_type of its own."
+        )
     _METHODS[key] = MethodSpec(key, config_cls, tuner_cls, prefix)
 
 

@@ -20,8 +20,14 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-# huggingface_hub arguments users pass through `from_pretrained(..., **kwargs)`.
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "repo_type")
+#: huggingface_hub arguments users pass through `from_pretrained(..., **kwargs)`: the one list every
+#: loader (PeftConfig, PeftModel, the AutoPeftModel classes) filters by.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "repo_type", "subfolder")
+
+
+def hub_kwargs_of(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The hub arguments among a loader's keyword arguments."""
+    return {key: value for key, value in kwargs.items() if key in HUB_KWARGS}
 
 
 def resolve_adapter_file(
@@ -47,7 +53,7 @@ def resolve_adapter_file(
 def _hub_download(repo_id: str, filename: str, subfolder: Optional[str], kwargs: Mapping[str, Any]) -> str:
     from huggingface_hub import hf_hub_download
 
-    hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and v is not None}
+    hub_kwargs = {k: v for k, v in hub_kwargs_of(kwargs).items() if k != "subfolder" and v is not None}
     try:
         return hf_hub_download(repo_id, filename, subfolder=subfolder, **hub_kwargs)
     except Exception as exc:  # huggingface_hub raises many types (offline, 404, bad id, ...)
