@@ -57,15 +57,20 @@ def test_pop_put_and_rename():
         pop_cache({"cache": 1, "past_key_values": 2})
 
 
+def _forward_installed(model, takes: str, arguments: dict):
+    """Call the installed LlamaForCausalLM.forward with the cache a subclass took under `takes`."""
+    arguments = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+    extra, cache = arguments.pop("kwargs"), arguments.pop(takes)
+    assert not set(extra) & {"cache", "past_key_values"}, "the cache reached the model under a name its forward does not take"
+    return LlamaForCausalLM.forward(model, **arguments, **extra, **{INSTALLED: cache})
+
+
 class PastKeyValuesLlama(LlamaForCausalLM):
     """A forward that takes the cache as `past_key_values` only (the transformers <= 5.23 spelling)."""
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, **kwargs):
-        assert "cache" not in kwargs, "the cache reached the model under a name its forward does not take"
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                               **{INSTALLED: past_key_values}, **kwargs)
+        return _forward_installed(self, "past_key_values", locals())
 
 
 class CacheLlama(LlamaForCausalLM):
@@ -73,10 +78,7 @@ class CacheLlama(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, **kwargs):
-        assert "past_key_values" not in kwargs, "the cache reached the model under a name its forward does not take"
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                               **{INSTALLED: cache}, **kwargs)
+        return _forward_installed(self, "cache", locals())
 
 
 def _tiny(model_class):

@@ -25,7 +25,6 @@ from .peft_model import (
 )
 
 
-
 class AutoPeftModel:
     """Base of the auto classes; `auto_model_name` is the transformers Auto class to use."""
 

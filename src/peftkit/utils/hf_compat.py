@@ -24,6 +24,7 @@ deprecated aliases). `checkpointing_argument`, `enable_activation_checkpointing`
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Optional
 
@@ -38,8 +39,15 @@ CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 def cache_argument(model_or_forward: nn.Module | Callable[..., Any]) -> Optional[str]:
     """The name under which `model.forward` takes a KV cache, or None if it takes none."""
     forward = model_or_forward.forward if isinstance(model_or_forward, nn.Module) else model_or_forward
+    # Read once per function (it runs at every forward and generate step); a bound method's
+    # signature is its function's, less `self`.
+    return _cache_argument_of(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=256)
+def _cache_argument_of(function: Callable[..., Any]) -> Optional[str]:
     try:
-        parameters = inspect.signature(forward).parameters
+        parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):  # builtins / C extensions without a signature
         return None
     return next((name for name in CACHE_ARGUMENT_NAMES if name in parameters), None)
@@ -75,7 +83,7 @@ def put_cache(kwargs: dict[str, Any], cache: Any, model: nn.Module, default: str
 
 def rename_cache(kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """`kwargs` with its cache (if any) under the name `model.forward` takes; returns `kwargs`."""
-    cache = pop_cache(kwargs)
+    cache = get_cache(kwargs)
     if cache is not None:
         put_cache(kwargs, cache, model)
     return kwargs

@@ -110,10 +110,11 @@ def prepare_generation_step(tuner: Any, adapter_name: str, model_inputs: dict[st
     model_inputs["attention_mask"] = with_leading_ones(model_inputs.get("attention_mask"), count)
     batch = batch_size_of(model_inputs)
     positions = model_inputs.get("cache_position")  # transformers < 5.4 passes it; it does not count virtual tokens
-    if positions is not None and not (first_step and config.peft_type != PeftType.PREFIX_TUNING):
-        model_inputs["cache_position"] = positions + count
-    elif positions is not None:  # prompt tuning's first step: the virtual tokens come first
-        model_inputs["cache_position"] = torch.arange(count + positions.numel(), device=positions.device)
+    if positions is not None:
+        prepends = first_step and config.peft_type != PeftType.PREFIX_TUNING  # virtual tokens enter as embeddings now
+        model_inputs["cache_position"] = (
+            torch.arange(count + positions.numel(), device=positions.device) if prepends else positions + count
+        )
     if config.peft_type == PeftType.PREFIX_TUNING:
         if model_inputs.get("position_ids") is not None:
             model_inputs["position_ids"] = model_inputs["position_ids"] + count

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterStateError, CheckpointError, ConfigError
-from ...utils.hf_compat import cache_argument, pop_cache, rename_cache
+from ...utils.hf_compat import cache_argument, pop_cache, put_cache, rename_cache
 from ...utils.peft_types import PeftType
 from .._core.matching import key_matches
 from .._core.tuner import BaseTuner
@@ -131,9 +131,8 @@ class PromptLearningModel(BaseTuner):
         if cache is None:
             yield
             return
-        name = cache_argument(self.model)
-        if name is not None:
-            kwargs[name] = cache
+        if cache_argument(self.model) is not None:
+            put_cache(kwargs, cache, self.model)
             yield
             return
         backbone, backbone_name = _backbone_of(self.model)
