@@ -13,7 +13,8 @@ import time
 import pytest
 
 from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peftkit.checkpoint.io import commit_files, load_adapter_weights, recover_interrupted_save, text_writer
+from peftkit.checkpoint.io import load_adapter_weights
+from peftkit.utils.files import commit_files, recover_interrupted_save, text_writer
 from tests.tiny_models import llama
 
 # Saves version k of a ~40 MB adapter forever: every weight equals k and lora_alpha == k, so a
@@ -91,7 +92,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("peftkit.checkpoint.io.save_file", broken_save)
+    monkeypatch.setattr("peftkit.utils.files.save_file", broken_save)
     other = get_peft_model(llama(), LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
     with pytest.raises(OSError, match="disk full"):
         other.save_pretrained(str(tmp_path))

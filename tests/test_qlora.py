@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig
 
-import peftkit.quantization  # noqa: F401  (registers the quantized-layer dispatcher)
 from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peftkit.errors import ConfigError
-from peftkit.quantization import Linear4bit, Linear8bit, QuantizationConfig, QuantizedLinear, dequantize_model, quantize_model
-from peftkit.quantization.lora_layers import dense_weight, store_dense_weight
+from peftkit.quantization import Linear4bit, Linear8bit, QuantizationConfig, dequantize_model, quantize_model
+from peftkit.quantization.weights import is_quantized, read_weight, write_weight
+from peftkit.tuners.lora.layer import Linear as LoraLinear
 from tests.bnb_helpers import bnb, bnb_forward_disagreement, bnb_llama, bnb_quantize_model, needs_bnb, skip_if_kernel_disagrees
 from tests.properties import output_of
 from tests.tiny_models import llama, lm_inputs
@@ -33,6 +33,11 @@ def quantized_llama(**config) -> torch.nn.Module:
     return quantize_model(llama(), QuantizationConfig(**config))
 
 
+def is_lora_over_quantized(layer: torch.nn.Module) -> bool:
+    """The plain LoRA layer (no per-format subclass) wrapping a quantized base."""
+    return type(layer) is LoraLinear and is_quantized(layer.get_base_layer())
+
+
 def randomize_adapters(model: PeftModel, std: float = 0.2) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -45,7 +50,7 @@ def test_seeds_qlora_flow_trains_saves_and_loads(tmp_path):
                                     bnb_4bit_compute_dtype=torch.bfloat16)
     model = prepare_model_for_kbit_training(quantize_model(llama(), bnb_config))
     model = get_peft_model(model, seeds_config())
-    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert is_lora_over_quantized(model.base_model.model.model.layers[0].self_attn.q_proj)
     inputs = lm_inputs()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -192,8 +197,9 @@ def test_dora_on_quantized_base_equals_dora_on_the_dequantized_base(quantization
     merged_dense = dense.base_model.model.get_submodule(key).get_base_layer().weight.detach()
     quantized_base = quantized.base_model.model.get_submodule(key).get_base_layer()
     expected_codes = copy.deepcopy(quantized_base)
-    store_dense_weight(expected_codes, merged_dense)
-    assert torch.equal(dense_weight(quantized_base), dense_weight(expected_codes))
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        write_weight(expected_codes, merged_dense)
+    assert torch.equal(read_weight(quantized_base), read_weight(expected_codes))
 
 
 @needs_bnb
@@ -203,7 +209,7 @@ def test_lora_over_bitsandbytes_layers_matches_ours(four_bit):
     quant = {"load_in_4bit": True, "bnb_4bit_use_double_quant": True} if four_bit else {"load_in_8bit": True}
     ours = get_peft_model(quantize_model(bnb_llama(), QuantizationConfig(**quant)), seeds_config(lora_dropout=0.0))
     theirs = get_peft_model(bnb_quantize_model(bnb_llama(), four_bit=four_bit), seeds_config(lora_dropout=0.0))
-    assert isinstance(theirs.base_model.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert is_lora_over_quantized(theirs.base_model.model.model.layers[0].self_attn.q_proj)
     skip_if_kernel_disagrees(bnb_forward_disagreement(theirs))
     randomize_adapters(ours)
     theirs.load_state_dict(ours.state_dict(), strict=False)

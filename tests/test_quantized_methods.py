@@ -1,4 +1,4 @@
-"""(IA)^3, LoHa and LoKr over quantized bases (ours and bitsandbytes'), and saving a 4-bit model."""
+"""(IA)^3, LoHa, LoKr and AdaLoRA over quantized bases (ours and bitsandbytes'), and saving a 4-bit model."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import peftkit.quantization  # noqa: F401  (registers the quantized-layer dispatchers)
-from peftkit import IA3Config, LoHaConfig, LoKrConfig, PeftModel, TaskType, get_peft_model
+from peftkit import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, PeftModel, TaskType, get_peft_model
 from peftkit.quantization import (
     Linear4bit,
     Linear8bit,
     QuantizationConfig,
-    QuantizedIA3Linear,
-    QuantizedLoHaLayer,
-    QuantizedLoKrLayer,
     dequantize_model,
     load_quantized_model,
     quantize_model,
     save_quantized_model,
 )
+from peftkit.tuners.adalora.layer import SVDLinear
+from peftkit.tuners.ia3.layer import Linear as IA3Linear
+from peftkit.tuners.loha.layer import LoHaLayer
+from peftkit.tuners.lokr.layer import LoKrLayer
 from tests.bnb_helpers import bnb_forward_disagreement, bnb_llama, bnb_quantize_model, needs_bnb, skip_if_kernel_disagrees
 from tests.tiny_models import llama, lm_inputs
 
@@ -30,9 +30,10 @@ QUANTS = {
     "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
     "int8": {"load_in_8bit": True},
 }
-METHODS = ("ia3", "loha", "lokr")
-LAYER_TYPES = {"ia3": QuantizedIA3Linear, "loha": QuantizedLoHaLayer, "lokr": QuantizedLoKrLayer}
-PREFIXES = ("ia3_", "hada_", "lokr_")
+METHODS = ("ia3", "loha", "lokr", "adalora")
+# Each method's own layer class wraps quantized bases: there is no per-format subclass.
+LAYER_TYPES = {"ia3": IA3Linear, "loha": LoHaLayer, "lokr": LoKrLayer, "adalora": SVDLinear}
+PREFIXES = ("ia3_", "hada_", "lokr_", "lora_")
 
 
 def method_config(method: str):
@@ -42,6 +43,8 @@ def method_config(method: str):
         return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], **common)
     if method == "loha":
         return LoHaConfig(r=4, alpha=8, target_modules=ATTENTION, **common)
+    if method == "adalora":
+        return AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTENTION, **common)
     return LoKrConfig(r=4, alpha=8, target_modules=ATTENTION, **common)
 
 

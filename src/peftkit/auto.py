@@ -25,6 +25,10 @@ from .peft_model import (
 )
 
 
+#: Options of the adapter load (`PeftModel.from_pretrained`), not passed to the base model's loader.
+_ADAPTER_OPTIONS = ("autocast_adapter_dtype", "low_cpu_mem_usage", "torch_device")
+
+
 class AutoPeftModel:
     """Base of the auto classes; `auto_model_name` is the transformers Auto class to use."""
 
@@ -41,7 +45,11 @@ class AutoPeftModel:
         revision: Optional[str] = None,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load `base_model_name_or_path` with the Auto class, then the adapter onto it."""
+        """Load `base_model_name_or_path` with the Auto class, then the adapter onto it.
+
+        Keywords: hub arguments (for the adapter), the adapter options `autocast_adapter_dtype`,
+        `low_cpu_mem_usage` and `torch_device`, and anything else for the base model's `from_pretrained`.
+        """
         path = os.fspath(pretrained_model_name_or_path)
         hub_kwargs = hub_kwargs_of(kwargs)
         peft_config = config or PeftConfig.from_pretrained(path, **hub_kwargs)
@@ -51,11 +59,18 @@ class AutoPeftModel:
                 f"The adapter at {path!r} does not name its base model (base_model_name_or_path is empty); "
                 "load the base model yourself and use PeftModel.from_pretrained(model, adapter_path)."
             )
-        model_kwargs = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}
+        adapter_kwargs = {k: v for k, v in kwargs.items() if k in _ADAPTER_OPTIONS}
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k not in _ADAPTER_OPTIONS}
         auto_cls = getattr(transformers, cls.auto_model_name)
         base_model = auto_cls.from_pretrained(base_name, revision=peft_config.revision, **model_kwargs)
         return cls.peft_model_cls.from_pretrained(
-            base_model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **hub_kwargs
+            base_model,
+            path,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            config=peft_config,  # read once above
+            **hub_kwargs,
+            **adapter_kwargs,
         )
 
 

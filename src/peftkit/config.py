@@ -1,21 +1,20 @@
-"""`PeftConfig`: the fields every adapter config shares, and its JSON form.
+"""`PeftConfig`: the fields every adapter config shares, as plain data.
 
-`adapter_config.json` holds every dataclass field, keys sorted, indent 2, sets written as lists,
-`inference_mode: true`, plus `peft_version` -- the layout Hugging Face peft reads and writes.
+`to_dict` gives every dataclass field as JSON-ready values (sets as lists, enums as strings);
+`adapter_config.json` is written and read by `checkpoint.adapter_folder` (keys sorted, indent 2,
+`inference_mode: true`, plus `peft_version` -- the layout Hugging Face peft reads and writes).
 Loading ignores unknown keys with a warning, so files from newer peft versions still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from .errors import CheckpointError, ConfigError
-from .utils.constants import CONFIG_NAME, PEFT_FORMAT_VERSION
+from .errors import ConfigError
+from .utils.constants import PEFT_FORMAT_VERSION
 from .utils.peft_types import PeftType, TaskType
 
 # Keys peft writes or reads that are never dataclass fields of ours.
@@ -83,20 +82,20 @@ class PeftConfig:
         return {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """The fields as `adapter_config.json` text (keys sorted, indent 2)."""
+        from .checkpoint.adapter_folder import config_text
+
+        return config_text(self.to_dict())
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write `adapter_config.json` into `save_directory` (atomically)."""
-        from .checkpoint.io import atomic_write_text
+        """Write `adapter_config.json` into `save_directory` (atomically; see `checkpoint.adapter_folder`)."""
+        from .checkpoint.adapter_folder import write_adapter_config
 
-        if os.path.isfile(save_directory):
-            raise ConfigError(f"save_directory {save_directory!r} is a file; pass a directory path.")
-        os.makedirs(save_directory, exist_ok=True)
         output = self.to_dict()
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
+        write_adapter_config(save_directory, output)
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> "PeftConfig":
@@ -145,28 +144,18 @@ class PeftConfig:
     @classmethod
     def from_json_file(cls, path_json_file: str) -> dict[str, Any]:
         """Read a config JSON file into a dict, with a clear error for a damaged file."""
-        try:
-            with open(path_json_file, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"No adapter config at {path_json_file!r}.") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(
-                f"{path_json_file!r} is not valid JSON ({exc}); re-save the adapter or restore the file."
-            ) from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path_json_file!r} must hold a JSON object, found {type(data).__name__}.")
-        return data
+        from .checkpoint.adapter_folder import read_config_file
+
+        return read_config_file(path_json_file)
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
     ) -> "PeftConfig":
         """Load `adapter_config.json` from a local directory or a hub repo id."""
-        from .checkpoint.io import resolve_adapter_file
+        from .checkpoint.adapter_folder import read_adapter_config
 
-        path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **kwargs)
-        return cls.from_dict(cls.from_json_file(path))
+        return cls.from_dict(read_adapter_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs))
 
 
 def _as_enum(enum_cls: type, value: Any, field_name: str) -> Any:

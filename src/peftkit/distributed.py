@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoint.state_dict import adapter_tensor_map, get_peft_model_state_dict
+from .registry import registered_methods
 
 # Attribute names that torch's wrappers put between a module and its children.
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -67,11 +68,10 @@ def _is_main_process() -> bool:
 
 # ---------------------------------------------------------------------------------------- wrapping
 def _layer_classes_to_wrap(model: nn.Module) -> set[type]:
-    """Decoder-layer classes (transformers' `_no_split_modules`, or `FSDP_TRANSFORMER_CLS_TO_WRAP`) + prompt encoders."""
-    from .tuners.p_tuning import PromptEncoder
-    from .tuners.prefix_tuning import PrefixEncoder
-    from .tuners.prompt_tuning import PromptEmbedding
+    """Decoder-layer classes (`_no_split_modules`, or `FSDP_TRANSFORMER_CLS_TO_WRAP`) + methods' `fsdp_wrap_classes`.
 
+    The registry's `MethodSpec.fsdp_wrap_classes` are the prompt encoders of the prompt-learning methods.
+    """
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
@@ -82,9 +82,8 @@ def _layer_classes_to_wrap(model: nn.Module) -> set[type]:
     missing = sorted(name for name in names if name not in classes_by_name)
     if env_names is not None and missing:
         raise TypeError(f"FSDP_TRANSFORMER_CLS_TO_WRAP names {missing}, which are not module classes of this model.")
-    return {classes_by_name[name] for name in names if name in classes_by_name} | {
-        PromptEncoder, PrefixEncoder, PromptEmbedding,
-    }
+    method_classes = {cls for spec in registered_methods() for cls in spec.fsdp_wrap_classes}
+    return {classes_by_name[name] for name in names if name in classes_by_name} | method_classes
 
 
 def _has_trainable_weight(module: nn.Module) -> bool:

@@ -9,13 +9,12 @@ torch.compile's guards (shapes, Python constants) still hold and nothing is reco
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .checkpoint.io import load_adapter_weights
+from .checkpoint.adapter_folder import read_adapter
 from .checkpoint.state_dict import _strip_prefix, _tuner_of, adapter_tensor_map
 from .config import PeftConfig
 from .errors import AdapterStateError, CheckpointError, ConfigError
@@ -98,10 +97,11 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     tuner, _, prefix = _tuner_of(model)
     if tuner is None or adapter_name not in tuner.peft_config:
         raise AdapterStateError(f"No loaded adapter named {adapter_name!r} to hot-swap; load one first.")
-    config = PeftConfig.from_pretrained(os.fspath(model_name_or_path), **kwargs)
+    checkpoint = read_adapter(model_name_or_path, device=torch_device, **kwargs)  # the folder / hub located once
+    config = PeftConfig.from_dict(checkpoint.config)
     if str(config.peft_type) != "LORA" or str(tuner.peft_config[adapter_name].peft_type) != "LORA":
         raise ConfigError("Hot-swapping supports LoRA adapters only.")
-    incoming = _strip_prefix(load_adapter_weights(os.fspath(model_name_or_path), device=torch_device, **kwargs), prefix)
+    incoming = _strip_prefix(checkpoint.weights, prefix)
     live = adapter_tensor_map(model, adapter_name)
     unexpected = sorted(set(incoming) - set(live))
     if unexpected:

@@ -9,22 +9,22 @@ Task wrappers differ only in the heads they train in full and in their forward s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from .checkpoint.io import commit_files, hub_kwargs_of, load_adapter_weights, text_writer, weights_writer
+from .checkpoint.adapter_folder import adapter_config_to_save, read_adapter, read_adapter_weights, write_adapter
+from .checkpoint.io import hub_kwargs_of
 from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig
 from .errors import AdapterNameError, CheckpointError, ConfigError
 from .registry import method_spec
 from .utils.adapter_names import validate_adapter_name
-from .utils.constants import CLASSIFIER_MODULE_NAMES, CONFIG_NAME, QA_MODULE_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.constants import CLASSIFIER_MODULE_NAMES, QA_MODULE_NAMES
 from .utils.hf_compat import enable_activation_checkpointing
 from .utils.peft_types import TaskType
 
@@ -50,7 +50,9 @@ class PeftModel(nn.Module):
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         tuner_cls = method_spec(peft_config.peft_type).tuner_cls
-        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
+        on_meta = _on_meta(peft_config, low_cpu_mem_usage)
+        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=on_meta)
+        self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         if _is_checkpointing(model):
             self._enable_input_require_grads()
 
@@ -91,14 +93,27 @@ class PeftModel(nn.Module):
         names += [name for name in self.task_modules_to_save if name not in names]
         return dataclasses.replace(config, modules_to_save=names)
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new (inactive) adapter; on failure the model is unchanged."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new (inactive) adapter; on failure the model is unchanged.
+
+        `low_cpu_mem_usage=True` creates its tensors on the meta device, for weights loaded next
+        (`set_peft_model_state_dict`); `autocast_adapter_dtype=False` keeps them in the dtype of
+        fp16/bf16 base layers instead of fp32.
+        """
         if str(peft_config.peft_type) != str(self.peft_type):
             raise ConfigError(
                 f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
                 "one PeftModel holds adapters of one method."
             )
-        self.base_model.add_adapter(adapter_name, self._with_task_modules(peft_config))
+        on_meta = _on_meta(peft_config, low_cpu_mem_usage)
+        self.base_model.add_adapter(adapter_name, self._with_task_modules(peft_config), low_cpu_mem_usage=on_meta)
+        self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self.base_model.set_adapter(self.active_adapters)
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
@@ -180,12 +195,13 @@ class PeftModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)  # prompt learning adds its virtual tokens
 
     def _mixed_batch(self, kwargs: dict[str, Any]) -> AbstractContextManager:
-        """Pop `adapter_names` from `kwargs`: a per-row adapter choice for this call (LoRA)."""
+        """Pop `adapter_names` from `kwargs`: a per-row adapter choice for this call (methods with "mixed_batch")."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return nullcontext()
-        if not hasattr(self.base_model, "mixed_batch"):
-            raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported for {self.peft_type} adapters.")
+        spec = method_spec(self.peft_type)
+        if "mixed_batch" not in spec.capabilities:
+            raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported for {spec.display_name} adapters.")
         return self.base_model.mixed_batch(adapter_names)
 
     # ------------------------------------------------------------------ saving
@@ -215,36 +231,16 @@ class PeftModel(nn.Module):
             )
             if not is_main_process:
                 continue
-            config_json = self._config_json(name)
-            if path_initial_model_for_weight_conversion is not None:
-                # PiSSA/OLoRA -> plain LoRA on the original base (LoRA only, hence imported here).
-                from .tuners.lora.conversion import convert_mutated_init_to_lora
-
-                state, config_json = convert_mutated_init_to_lora(
-                    self, name, state, path_initial_model_for_weight_conversion
-                )
-            out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
-            weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
-            commit_files(
-                out_dir,
-                {
-                    weights_name: weights_writer(state, safe_serialization),
-                    CONFIG_NAME: text_writer(config_json),
-                },
+            fields = adapter_config_to_save(self.peft_config[name], self.get_base_model())
+            state, fields = self.base_model.prepare_save(
+                name,
+                state,
+                fields,
+                path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+                read_weights=read_adapter_weights,
             )
-
-    def _config_to_save(self, adapter_name: str) -> PeftConfig:
-        config = self.peft_config[adapter_name]
-        base_name = config.base_model_name_or_path or _name_or_path(self.get_base_model())
-        return dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name)
-
-    def _config_json(self, adapter_name: str) -> str:
-        """The adapter's `adapter_config.json` text; peft adds `auto_mapping` when there is no task type."""
-        output = self._config_to_save(adapter_name).to_dict()
-        if output.get("task_type") is None:
-            base = self.get_base_model()
-            output["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-        return json.dumps(output, indent=2, sort_keys=True)
+            out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
+            write_adapter(out_dir, fields, state, safe_serialization)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -259,24 +255,21 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> "PeftModel":
-        """Wrap `model` and load an adapter saved by peftkit or peft (local folder or hub id)."""
-        validate_adapter_name(adapter_name)
-        hub_kwargs = hub_kwargs_of(kwargs)
-        if config is None:
-            config = PeftConfig.from_pretrained(os.fspath(model_id), **hub_kwargs)
-        if config.is_prompt_learning and is_trainable:
-            raise ConfigError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-        peft_model = wrapper_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            peft_model._load_weights(os.fspath(model_id), adapter_name, **hub_kwargs)
-        except BaseException:
-            peft_model.base_model._remove_adapter_from_layers(adapter_name)
-            raise
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
+        """Wrap `model` and load an adapter saved by peftkit or peft (local folder or hub id).
+
+        `low_cpu_mem_usage=True` creates the adapter on the meta device and assigns the loaded
+        tensors to it (no random init first); `autocast_adapter_dtype=False` keeps the adapter in
+        the dtype of fp16/bf16 base layers instead of fp32. Keywords: hub arguments (`revision`,
+        `subfolder`, `token`, ...) and `torch_device` (see `load_adapter`).
+        """
+
+        def build(loaded: PeftConfig) -> PeftModel:
+            wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(loaded.task_type, PeftModel)
+            return wrapper_cls(
+                model, loaded, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+
+        return _load(build, model_id, adapter_name, is_trainable, config, kwargs)[0]
 
     def load_adapter(
         self,
@@ -291,28 +284,56 @@ class PeftModel(nn.Module):
         """Load another adapter into this model under `adapter_name` (it stays inactive).
 
         If anything fails (bad config, missing file, shape mismatch) the model is left unchanged.
+        `torch_device` is the device the checkpoint's tensors are read onto (default "cpu"); they end
+        up where the adapter lives (the base layers' device), as in peft. Other options as `from_pretrained`.
         """
         validate_adapter_name(adapter_name)
-        hub_kwargs = hub_kwargs_of(kwargs)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"An adapter named {adapter_name!r} is loaded already; pick another name.")
-        config = PeftConfig.from_pretrained(os.fspath(model_id), **hub_kwargs)
-        if config.is_prompt_learning and is_trainable:
-            raise ConfigError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, config)
-        try:
-            result = self._load_weights(os.fspath(model_id), adapter_name, **hub_kwargs)
-        except BaseException:
-            self.base_model.delete_adapter(adapter_name)
-            raise
-        if not is_trainable:
-            self.eval()
-        return result
 
-    def _load_weights(self, model_id: str, adapter_name: str, **hub_kwargs: Any) -> Any:
-        weights = load_adapter_weights(model_id, **hub_kwargs)
-        return set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
+        def build(loaded: PeftConfig) -> PeftModel:
+            self.add_adapter(
+                adapter_name, loaded, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+            )
+            return self
+
+        kwargs = {**kwargs, "torch_device": torch_device}
+        return _load(build, model_id, adapter_name, is_trainable, None, kwargs)[1]
+
+
+def _load(
+    build: Callable[[PeftConfig], PeftModel],
+    model_id: Union[str, os.PathLike],
+    adapter_name: str,
+    is_trainable: bool,
+    config: Optional[PeftConfig],
+    kwargs: dict[str, Any],
+) -> tuple[PeftModel, Any]:
+    """What `from_pretrained` and `load_adapter` share: read the adapter (config unless given, and
+    weights: one location, one set of hub arguments), check the config, `build(config)` (inject it),
+    load the weights -- removing the adapter again if that fails -- and switch to eval unless trainable.
+    """
+    validate_adapter_name(adapter_name)
+    checkpoint = read_adapter(
+        model_id, read_config=config is None, device=kwargs.get("torch_device"), **hub_kwargs_of(kwargs)
+    )
+    config = PeftConfig.from_dict(checkpoint.config) if config is None else config
+    if config.is_prompt_learning and is_trainable:
+        raise ConfigError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
+    peft_model = build(dataclasses.replace(config, inference_mode=not is_trainable))
+    try:
+        result = set_peft_model_state_dict(peft_model, checkpoint.weights, adapter_name=adapter_name, strict=True)
+    except BaseException:
+        peft_model.base_model.delete_adapter(adapter_name)
+        raise
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model, result
+
+
+def _on_meta(config: PeftConfig, low_cpu_mem_usage: bool) -> bool:
+    """Whether a new adapter is created on the meta device: prompt learning never is (as in peft)."""
+    return low_cpu_mem_usage and not config.is_prompt_learning
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -320,11 +341,6 @@ def _is_checkpointing(model: nn.Module) -> bool:
     if flag is not None:
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))
-
-
-def _name_or_path(model: nn.Module) -> Optional[str]:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or None
 
 
 # ---------------------------------------------------------------------- task wrappers

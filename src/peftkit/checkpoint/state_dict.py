@@ -167,11 +167,35 @@ def set_peft_model_state_dict(
     if strict and (missing or unexpected):
         raise CheckpointError(_describe_key_mismatch(missing, unexpected))
     _check_shapes(target, incoming, ignore_mismatched_sizes)
+    on_meta: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for key, tensor in target.items():
             if key in incoming and incoming[key].shape == tensor.shape:
-                tensor.copy_(incoming[key])
+                if tensor.is_meta:  # created with low_cpu_mem_usage=True: nothing to copy into
+                    on_meta[id(tensor)] = incoming[key]
+                else:
+                    tensor.copy_(incoming[key])
+    if on_meta:
+        _assign(_tuner_of(model)[1], on_meta, None)
     return IncompatibleKeys(missing, unexpected)
+
+
+def _assign(module: nn.Module, values: dict[int, torch.Tensor], device: Optional[torch.device]) -> None:
+    """Replace the meta parameters whose id is in `values` by new parameters holding those values.
+
+    Each keeps its meta tensor's dtype (the adapter's dtype rule) and goes to the device of the
+    base layer of its tuner layer: peft's `load_state_dict(assign=True)` and move to the base device.
+    """
+    if isinstance(module, BaseTunerLayer):
+        base = module.get_base_layer()
+        device = next((t.device for t in (*base.parameters(), *base.buffers()) if not t.is_meta), device)
+    for name, param in list(module._parameters.items()):
+        if param is not None and id(param) in values:
+            value = values.pop(id(param)).to(device=device, dtype=param.dtype)
+            module._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
+    for child in module.children():
+        if values:
+            _assign(child, values, device)
 
 
 def _check_shapes(target: Mapping[str, torch.Tensor], incoming: Mapping[str, torch.Tensor], ignore: bool) -> None:

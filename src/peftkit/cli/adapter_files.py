@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from peftkit.utils.constants import CONFIG_NAME
+
 from .errors import CliError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 #: Last key parts of a sequence-classification head saved through modules_to_save.
 HEAD_NAMES = ("classifier", "score")
 
@@ -25,6 +24,17 @@ class AdapterFolder:
     config: dict[str, Any]
     weights_path: str
     weights: dict[str, torch.Tensor]
+
+    @property
+    def spec(self) -> Any:
+        """The registry's `MethodSpec` for the config's peft_type, or None when no method has that type."""
+        from peftkit.errors import ConfigError
+        from peftkit.registry import method_spec
+
+        try:
+            return method_spec(self.config.get("peft_type"))
+        except ConfigError:
+            return None
 
     @property
     def task(self) -> Optional[str]:
@@ -41,20 +51,17 @@ class AdapterFolder:
 
 
 def read_adapter(path: str) -> AdapterFolder:
-    """Parse `adapter_config.json` and the weights of a local adapter folder; one-line errors."""
-    from peftkit.checkpoint.io import read_weights_file
+    """Config and weights of a local adapter folder, read by `checkpoint.adapter_folder`; one-line errors."""
+    from peftkit.checkpoint.adapter_folder import locate_adapter, read_config_file
+    from peftkit.errors import CheckpointError
+    from peftkit.utils.files import read_weights_file
 
     if not os.path.isdir(path):
         raise CliError(f"adapter folder not found: {path}")
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise CliError(f"no {CONFIG_FILE} in {path}; is it an adapter folder written by save_pretrained?")
     try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    weights_path = next((os.path.join(path, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))), None)
-    if weights_path is None:
-        raise CliError(f"no adapter weights ({' or '.join(WEIGHT_FILES)}) in {path}")
-    return AdapterFolder(path, config, weights_path, read_weights_file(weights_path))
+        source = locate_adapter(path)
+        config = read_config_file(source.file(CONFIG_NAME))
+        weights_path = source.weights_file()
+        return AdapterFolder(path, config, weights_path, read_weights_file(weights_path))
+    except CheckpointError as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc

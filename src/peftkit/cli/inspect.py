@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from peftkit.registry import registered_methods
 
 from .adapter_files import AdapterFolder, read_adapter
 
@@ -16,10 +18,6 @@ EXAMPLES = """examples:
   peftkit inspect out/adapter --json           # machine-readable
   peftkit inspect out/adapter --base ./model   # also load it into the base model (strict)
 exit status 1 when a check fails."""
-
-_PROMPT_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
-#: Weight-name suffix -> which dimension holds the rank, for the LoRA family.
-_RANK_DIMS = {"lora_A.weight": 0, "lora_B.weight": 1, "lora_E": 0, "hada_w1_a": 1, "hada_w1_b": 0}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -34,17 +32,23 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
+def _key_prefixes() -> tuple[str, ...]:
+    """Every known method's checkpoint-key prefix (`MethodSpec.prefix`), longest first."""
+    return tuple(sorted({spec.prefix for spec in registered_methods()}, key=len, reverse=True))
+
+
 def _module_of(key: str) -> str:
     """`base_model.model.a.b.lora_A.weight` -> `a.b` (the wrapped module's path)."""
     key = key.removeprefix("base_model.model.")
-    return re.split(r"\.(lora_|ia3_|hada_|lokr_|adapter_|bottleneck_)", key)[0]
+    return re.split(r"\.(" + "|".join(map(re.escape, _key_prefixes())) + ")", key)[0]
 
 
 def describe(adapter: AdapterFolder) -> dict[str, Any]:
     """Summary fields of the report (method, base, targets, ranks, sizes)."""
     config = adapter.config
     n_params = sum(t.numel() for t in adapter.weights.values())
-    modules = sorted({_module_of(k) for k in adapter.weights if k != "prompt_embeddings"})
+    prefixes = _key_prefixes()  # a key that starts with one (a prompt table) is on no module
+    modules = sorted({_module_of(k) for k in adapter.weights if not k.startswith(prefixes)})
     ranks = {config[k] for k in ("r", "init_r", "target_r") if isinstance(config.get(k), int)}
     return {
         "path": adapter.path,
@@ -69,41 +73,46 @@ def check(adapter: AdapterFolder) -> list[str]:
     from peftkit.config import PeftConfig
 
     problems: list[str] = []
+    loaded = None
     try:
-        PeftConfig.from_pretrained(adapter.path)
+        loaded = PeftConfig.from_pretrained(adapter.path)
     except Exception as exc:  # any config validation error is a finding, not a crash
         problems.append(f"config does not validate: {str(exc).splitlines()[0]}")
     for key, tensor in adapter.weights.items():
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             problems.append(f"{key} holds NaN or inf values")
-    if adapter.config.get("peft_type") in _PROMPT_TYPES:
-        problems += _check_prompt(adapter)
+    spec = adapter.spec
+    if spec is not None and spec.is_prompt_learning:
+        problems += _check_prompt(adapter, spec.prefix, loaded)
     else:
-        problems += _check_ranks(adapter)
+        problems += _check_ranks(adapter, spec.rank_dims if spec is not None else {})
         problems += _check_targets(adapter)
     return problems
 
 
-def _check_prompt(adapter: AdapterFolder) -> list[str]:
-    table = adapter.weights.get("prompt_embeddings")
+def _check_prompt(adapter: AdapterFolder, table_key: str, loaded: Any) -> list[str]:
+    """The prompt table (`table_key`, the method's prefix) has the rows the config implies."""
+    table = adapter.weights.get(table_key)
     if table is None:
-        return ["prompt-learning adapter without a prompt_embeddings tensor"]
+        return [f"prompt-learning adapter without a {table_key} tensor"]
+    if loaded is None:
+        return []  # the config did not validate (reported already); it implies no row count
     n_tokens = adapter.config.get("num_virtual_tokens") or 0
-    rows = n_tokens * (adapter.config.get("num_transformer_submodules") or 1)
-    if adapter.config.get("peft_type") == "PREFIX_TUNING":
-        rows = n_tokens
+    # Key/value prefixes (prefix tuning) are one row per token whatever the number of submodules.
+    rows = n_tokens if loaded.uses_kv_heads() else n_tokens * (adapter.config.get("num_transformer_submodules") or 1)
     if table.shape[0] != rows:
-        return [f"prompt_embeddings has {table.shape[0]} rows, config implies {rows}"]
+        return [f"{table_key} has {table.shape[0]} rows, config implies {rows}"]
     return []
 
 
-def _check_ranks(adapter: AdapterFolder) -> list[str]:
+def _check_ranks(adapter: AdapterFolder, rank_dims: Mapping[str, int]) -> list[str]:
+    """Weights named in the method's `MethodSpec.rank_dims` hold `r` ranks (unless a rank_pattern varies them)."""
     config = adapter.config
-    if config.get("peft_type") not in {"LORA", "LOHA"} or config.get("rank_pattern"):
+    if not rank_dims or config.get("rank_pattern"):
         return []
     problems = []
     for key, tensor in adapter.weights.items():
-        for suffix, dim in _RANK_DIMS.items():
+        for suffix, dim in rank_dims.items():
             if key.endswith(suffix) and tensor.dim() >= 2 and tensor.shape[dim] != config.get("r"):
                 problems.append(f"{key} has rank {tensor.shape[dim]}, config r={config.get('r')}")
     return problems

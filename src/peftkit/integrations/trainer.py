@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..checkpoint.io import read_weights_file
+from ..utils.files import read_weights_file
 from ..checkpoint.state_dict import set_peft_model_state_dict
 from ..errors import CheckpointError
 from ..peft_model import PeftModel

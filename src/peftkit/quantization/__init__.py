@@ -6,19 +6,15 @@
     model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, LoraConfig(...))
 
-Importing this package registers the LoRA, (IA)^3, LoHa and LoKr dispatchers for quantized layers
-(ours and bitsandbytes'). DoRA over quantized bases is refused with a ConfigError.
+This package holds weight formats only and sits below `tuners/`: the methods' layers wrap these
+layers (and bitsandbytes') like any other linear layer, and merge through `weights.py`, which
+reads and writes the dense weight of any base. LoRA (DoRA included), AdaLoRA, (IA)^3, LoHa and
+LoKr work over them; PiSSA/OLoRA inits, which rewrite the base weight, are refused.
 """
 
-from . import ia3_layers as _ia3_layers
-from . import lora_layers as _lora_layers
-from . import lycoris_layers as _lycoris_layers
 from .formats import QuantState4bit, dequantize_4bit, quantize_4bit
 from .kbit_training import prepare_model_for_kbit_training
 from .linear import Linear4bit, Linear8bit, QuantizedLinearBase
-from .ia3_layers import QuantizedIA3Linear
-from .lora_layers import QuantizedLinear
-from .lycoris_layers import QuantizedLoHaLayer, QuantizedLoKrLayer
 from .quantize import (
     QuantizationConfig,
     dequantize_model,
@@ -26,26 +22,22 @@ from .quantize import (
     quantize_model,
     save_quantized_model,
 )
-
-_lora_layers.register()
-_ia3_layers.register()
-_lycoris_layers.register()
+from .weights import is_quantized, read_weight, write_weight
 
 __all__ = [
     "Linear4bit",
     "Linear8bit",
     "QuantState4bit",
     "QuantizationConfig",
-    "QuantizedIA3Linear",
-    "QuantizedLinear",
-    "QuantizedLoHaLayer",
-    "QuantizedLoKrLayer",
     "QuantizedLinearBase",
     "dequantize_4bit",
     "dequantize_model",
     "load_quantized_model",
     "prepare_model_for_kbit_training",
     "quantize_4bit",
+    "is_quantized",
     "quantize_model",
+    "read_weight",
     "save_quantized_model",
+    "write_weight",
 ]

@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..checkpoint.io import commit_files, read_weights_file, text_writer, weights_writer
+from ..utils.files import commit_files, read_weights_file, text_writer, weights_writer
 from ..errors import CheckpointError, ConfigError
 from .formats import BLOCKSIZE_4BIT, QUANT_TYPES
 from .linear import DTypeLike, Linear4bit, Linear8bit, QuantizedLinearBase, as_dtype

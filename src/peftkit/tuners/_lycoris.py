@@ -35,8 +35,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import PeftConfig
-from ..errors import ConfigError, TargetModulesError
-from ..utils.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
+from ..errors import ConfigError
 from ..utils.validation import (
     as_name_set,
     check_dropout,
@@ -45,11 +44,11 @@ from ..utils.validation import (
     check_positive_number,
     check_rank,
 )
-from ._core.base_layers import is_plain_linear, unobserved
+from ._core.base_layers import base_of, is_linear_like, is_plain_linear, unobserved
 from ._core.layer import BaseTunerLayer
 from ._core.matching import pattern_value
-from ._core.module_tree import replace_module
 from ._core.tuner import BaseTuner
+from .lora.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
 
 # peft uses a copy of its LoRA table for LoHa and LoKr. Ours lacks a few architectures of peft's
 # LoRA table (it predates them); they are added here so `target_modules=None` resolves as in peft.
@@ -68,7 +67,7 @@ LYCORIS_TARGET_MODULES_BY_MODEL_TYPE: dict[str, Any] = {
 }
 
 DELTA_MODES = ("auto", "factored", "materialized", "fused")
-SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv1d and torch.nn.Conv2d"
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv1d, torch.nn.Conv2d and quantized linear layers"
 
 
 @dataclass
@@ -421,50 +420,31 @@ def conv_fn(layer: LycorisLayer) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- tuner
-#: Extra layer factories (e.g. peftkit.quantization's, for quantized bases), newest first:
-#: `dispatch(layer_cls, target, adapter_name, **layer_kwargs)` returns a layer of the method
-#: `layer_cls` (LoHa or LoKr) for targets it handles, else None; the built-in rules come after.
-LYCORIS_DISPATCHERS: list[Callable[..., Optional[LycorisLayer]]] = []
+def lycoris_dispatcher(layer_cls: type[LycorisLayer]) -> Callable[..., Optional[LycorisLayer]]:
+    """The dispatcher of a LyCORIS method: `layer_cls` for Linear, Conv1D, Conv1d, Conv2d and quantized linear bases."""
+
+    def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[LycorisLayer]:
+        base = base_of(target)
+        if is_linear_like(base) or isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            return layer_cls(target, adapter_name, **kwargs)
+        return None
+
+    return dispatch
 
 
 class LycorisTuner(BaseTuner):
-    """Wraps targeted Linear / Conv1D / Conv1d / Conv2d modules in the method's layer class."""
+    """Wraps targeted Linear / Conv1D / Conv1d / Conv2d (and quantized linear) modules in `layer_cls`."""
 
-    layer_cls: ClassVar[type[LycorisLayer]]
     default_target_modules = LYCORIS_TARGET_MODULES_BY_MODEL_TYPE
+    supported_layers = SUPPORTED_LAYERS
 
-    def _layer_kwargs(self, config: Any) -> dict[str, Any]:
+    def layer_kwargs(self, config: Any, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
         """Per-adapter settings from the config that every layer of this method receives."""
         return {
+            "r": pattern_value(config.rank_pattern or {}, key, config.r),
+            "alpha": pattern_value(config.alpha_pattern or {}, key, config.alpha),
             "rank_dropout": config.rank_dropout,
             "module_dropout": config.module_dropout,
             "init_weights": config.init_weights,
             "use_effective_conv2d": config.use_effective_conv2d,
         }
-
-    def _create_and_replace(
-        self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
-    ) -> None:
-        kwargs = {
-            "r": pattern_value(config.rank_pattern or {}, current_key, config.r),
-            "alpha": pattern_value(config.alpha_pattern or {}, current_key, config.alpha),
-            **self._layer_kwargs(config),
-        }
-        if isinstance(target, self.layer_cls):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        candidates = (
-            dispatch(self.layer_cls, target, adapter_name, **kwargs) for dispatch in reversed(LYCORIS_DISPATCHERS)
-        )
-        dispatched = next((module for module in candidates if module is not None), None)
-        if dispatched is not None:
-            replace_module(parent, target_name, dispatched)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)):
-            raise TargetModulesError(
-                f"Target module {current_key!r} is a {type(base).__name__}, which {self.layer_cls.display_name} "
-                f"cannot wrap. Supported: {SUPPORTED_LAYERS}. Narrow target_modules "
-                f"(or add {target_name!r} to exclude_modules)."
-            )
-        replace_module(parent, target_name, self.layer_cls(target, adapter_name, **kwargs))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import TargetModulesError
+from ...quantization.weights import is_quantized
 
 
 def linear_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -18,14 +20,35 @@ def linear_features(base_layer: nn.Module) -> tuple[int, int]:
     return base_layer.in_features, base_layer.out_features
 
 
-def stored_transposed(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
-    """The right `fan_in_fan_out` for `base_layer` (True only for Conv1D), warning when the config says otherwise."""
-    is_conv1d = isinstance(base_layer, Conv1D)
-    if fan_in_fan_out and not is_conv1d:
-        warnings.warn("fan_in_fan_out=True is wrong for torch.nn.Linear; using False.", stacklevel=5)
-    elif is_conv1d and not fan_in_fan_out:
-        warnings.warn("transformers' Conv1D stores its weight (in, out); using fan_in_fan_out=True.", stacklevel=5)
-    return is_conv1d
+def base_of(target: nn.Module) -> nn.Module:
+    """The innermost layer of `target` (itself unless it is a tuner layer wrapping another)."""
+    return target.get_base_layer() if hasattr(target, "get_base_layer") else target
+
+
+def is_linear_like(base: nn.Module) -> bool:
+    """`nn.Linear`, GPT-2's `Conv1D`, or a quantized linear layer (peftkit's or bitsandbytes')."""
+    return isinstance(base, (nn.Linear, Conv1D)) or is_quantized(base)
+
+
+def is_transposed(base: nn.Module) -> bool:
+    """Whether `base` stores its weight (in, out): transformers' `Conv1D` (peft's `fan_in_fan_out`)."""
+    return isinstance(base, Conv1D)
+
+
+def record_layout(config: Any, layer: nn.Module, key: str) -> None:
+    """Make `config.fan_in_fan_out` say how the base of the new `layer` stores its weight, warning if it did not.
+
+    As peft: the layer's layout comes from the base (transposed only for `Conv1D`), and the
+    adapter's (private copy of the) config records it.
+    """
+    found = getattr(layer, "fan_in_fan_out", None)
+    if found is None or getattr(config, "fan_in_fan_out", found) == found:
+        return
+    warnings.warn(
+        f"fan_in_fan_out={config.fan_in_fan_out} is wrong for {type(base_of(layer)).__name__} {key!r}; using {found}.",
+        stacklevel=6,
+    )
+    config.fan_in_fan_out = found
 
 
 def refuse_grouped_conv(base_layer: nn.Module, method: str) -> None:

@@ -2,8 +2,12 @@
 
 A tuner layer wraps a frozen `base_layer` and holds each adapter's tensors in per-name
 `ModuleDict` / `ParameterDict` attributes (listed in `adapter_layer_names`), so several adapters
-coexist and one or more are active. Methods whose update is additive (`W' = W + delta_W`) get
-merge / unmerge for free by implementing `get_delta_weight`.
+coexist and one or more are active.
+
+Merging is written once, here, for every method and every base (dense, peftkit-quantized,
+bitsandbytes; see `quantization.weights`): a method says what merging one adapter does to the
+base's (W, b) -- `get_delta_weight` for additive updates (`W' = W + delta_W`), or `fold` /
+`unfold` for multiplicative ones ((IA)^3, DoRA) -- and `merge` / `unmerge` do the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterStateError
+from ...quantization.weights import read_bias, read_weight, write_weight
 
 
 class BaseTunerLayer:
@@ -135,10 +140,29 @@ class BaseTunerLayer:
                 remaining = [self.adapter_names()[0]]
             self._active_adapter = remaining
 
-    # ------------------------------------------------------------------ merging (additive methods)
+    # ------------------------------------------------------------------ merging (every method)
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """delta_W of `adapter_name`, shaped and laid out like the base weight."""
+        """delta_W of `adapter_name`, shaped and laid out like the base weight (additive methods)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base weight.")
+
+    def fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base (W, b) with `adapter_name` merged in: W + delta_W for additive methods.
+
+        Multiplicative methods ((IA)^3, DoRA) override this and `unfold`. `weight` is dense (see
+        `quantization.weights`) and must not be modified in place: return new tensors.
+        """
+        return weight + self.get_delta_weight(adapter_name).to(weight.dtype), bias
+
+    def unfold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Undo `fold`: W - delta_W for additive methods."""
+        return weight - self.get_delta_weight(adapter_name).to(weight.dtype), bias
+
+    def _forget_merge(self, adapter_name: str) -> None:
+        """Hook: drop what `fold` remembered for unfolding `adapter_name` (e.g. DoRA's factor)."""
 
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
@@ -148,50 +172,88 @@ class BaseTunerLayer:
         return [name for name in names if name not in self.merged_adapters and name in self.adapter_names()]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add each adapter's delta to the base weight: W <- W + delta_W.
+        """Fold each adapter into the base layer, (W, b) <- fold(W, b), then store it once.
 
-        With `safe_merge`, the sum is checked for NaN/inf before the weight is touched.
+        `fold` sees the adapters merged before it in `merged_adapters`. With `safe_merge` every
+        intermediate result is checked for NaN/inf; if any check or fold fails, the layer is left
+        exactly as it was.
         """
-        weight = self.get_base_layer().weight
-        for name in self._adapters_to_merge(adapter_names):
-            delta = self.get_delta_weight(name).to(weight.dtype)
-            if safe_merge:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise AdapterStateError(
-                        f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
-                    )
-                weight.data.copy_(merged)
-            else:
-                weight.data.add_(delta)
-            self.merged_adapters.append(name)
+        names = self._adapters_to_merge(adapter_names)
+        if not names:
+            return
+        base = self.get_base_layer()
+        weight, bias = read_weight(base), read_bias(base)
+        done = len(self.merged_adapters)
+        try:
+            with torch.no_grad():
+                for name in names:
+                    weight, bias = self.fold(name, weight, bias)
+                    if safe_merge:
+                        _require_finite(name, weight, bias)
+                    self.merged_adapters.append(name)
+            write_weight(base, weight, bias)
+        except BaseException:
+            for name in self.merged_adapters[done:]:
+                self._forget_merge(name)
+            del self.merged_adapters[done:]
+            raise
 
     def unmerge(self) -> None:
-        """Subtract every merged delta again, newest first: W <- W - delta_W."""
+        """Unfold every merged adapter again, newest first, then store the base weight once."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.data.sub_(self.get_delta_weight(name).to(weight.dtype))
+        base = self.get_base_layer()
+        weight, bias = read_weight(base), read_bias(base)
+        merged = list(self.merged_adapters)
+        try:
+            with torch.no_grad():
+                while self.merged_adapters:  # `unfold` sees the adapters still merged under it
+                    weight, bias = self.unfold(self.merged_adapters[-1], weight, bias)
+                    self.merged_adapters.pop()
+            write_weight(base, weight, bias)
+        except BaseException:
+            self.merged_adapters[:] = merged
+            raise
+        for name in merged:
+            self._forget_merge(name)
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _move_adapter_to_base(self, adapter_name: str, keep_fp32: bool = True) -> None:
-        """Put `adapter_name`'s tensors on the base weight's device; fp32 unless the base is fp32/fp64.
+        """Put `adapter_name`'s tensors on the base weight's device, in the adapter dtype.
 
-        Low-precision bases (fp16/bf16/quantized) keep fp32 adapters, as peft's autocast does,
-        so small adapter updates are not lost to rounding.
+        `keep_fp32` (peft's `autocast_adapter_dtype`): over low-precision bases (fp16/bf16/fp8)
+        adapters stay fp32, so small updates are not lost to rounding; without it they take the
+        base dtype. Quantized bases (integer storage) give fp32, or without `keep_fp32` their float
+        `compute_dtype`. Meta tensors (low_cpu_mem_usage=True) stay on the meta device, dtype set.
         """
-        weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) or not keep_fp32 else torch.float32
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next((t for t in (*base.parameters(), *base.buffers()) if t.is_floating_point()), None)
+            if weight is None:
+                return
         if not weight.is_floating_point():
+            compute = getattr(base, "compute_dtype", None)
+            usable = isinstance(compute, torch.dtype) and compute.is_floating_point
+            dtype = compute if usable and not keep_fp32 else torch.float32
+        elif keep_fp32 and weight.dtype not in (torch.float32, torch.float64):
             dtype = torch.float32
-        for attr in self.adapter_layer_names:
-            container = getattr(self, attr)
-            if adapter_name in container:
-                item = container[adapter_name]
-                if isinstance(item, nn.Parameter):
-                    item.data = item.data.to(weight.device, dtype)
-                else:
-                    item.to(weight.device, dtype)
+        else:
+            dtype = weight.dtype
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            for tensor in [item] if isinstance(item, torch.Tensor) else [*item.parameters(), *item.buffers()]:
+                device = tensor.device if tensor.is_meta else weight.device
+                tensor.data = tensor.data.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def _require_finite(adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """The one NaN/inf check of merging (`safe_merge=True`)."""
+    if not all(t is None or bool(torch.isfinite(t).all()) for t in (weight, bias)):
+        raise AdapterStateError(
+            f"Merging adapter {adapter_name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
+        )

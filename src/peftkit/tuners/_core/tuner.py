@@ -1,16 +1,22 @@
 """`BaseTuner`: injects a method's layers into any `nn.Module` by module name, and manages them.
 
-A method subclasses it and supplies three things: `prefix` (its attribute prefix, e.g. "lora_"),
-`default_target_modules` (per `config.model_type`) and `_create_and_replace` (wrap one module).
-Everything else -- matching, several named adapters, switching, disabling, merging, unloading,
-and rolling back a failed injection -- lives here, once.
+A method subclasses it and declares (see docs/ARCHITECTURE.md):
+
+    prefix                  attribute prefix of its adapter tensors, e.g. "lora_"
+    default_target_modules  per `config.model_type`
+    layer_cls               its layer base class (targets already wrapped get `update_layer`)
+    layer_kwargs(config, adapter_name, key, target) -> update_layer's arguments at `key`
+    dispatchers             ordered tuple: the first that returns a layer wraps the target
+
+Everything else -- match -> update-or-wrap -> replace, several named adapters, switching,
+disabling, merging, unloading, and rolling back a failed injection -- lives here, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Optional, Union
 
@@ -19,7 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import AdapterNameError, AdapterStateError, ConfigError, TargetModulesError
+from ...utils.constants import PEFT_MODEL_PREFIX
 from ...utils.adapter_names import validate_adapter_name
+from .base_layers import record_layout
 from .layer import BaseTunerLayer
 from .matching import describe_unmatched, is_targeted, key_matches
 from .module_tree import get_submodules, replace_module
@@ -28,13 +36,34 @@ from .modules_to_save import ModulesToSaveWrapper
 AdapterLike = Union[BaseTunerLayer, ModulesToSaveWrapper]
 
 
+#: Builds a method's layer around `target` if it understands `target`'s (innermost) base layer,
+#: else returns None: `dispatch(target, adapter_name, **layer_kwargs) -> Optional[nn.Module]`.
+Dispatcher = Callable[..., Optional[nn.Module]]
+
+
 class BaseTuner(nn.Module):
     """Holds the wrapped model (`self.model`) and the configs of its adapters (`self.peft_config`)."""
 
+    #: Attribute prefix of the method's adapter tensors (e.g. "lora_").
     prefix: ClassVar[str] = ""
     default_target_modules: ClassVar[dict[str, Any]] = {}
+    #: The method's layers: a target that is one already gets `update_layer(adapter_name, **layer_kwargs)`.
+    layer_cls: ClassVar[type] = BaseTunerLayer
+    #: Ordered; the first that returns a layer wraps the target.
+    dispatchers: ClassVar[tuple[Dispatcher, ...]] = ()
+    #: For error messages: the method's name and the layer types its dispatchers accept.
+    display_name: ClassVar[str] = ""
+    supported_layers: ClassVar[str] = ""
 
-    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default", **_: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: Any,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[Mapping[str, Any]] = None,
+        **_: Any,
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, Any] = {}
@@ -42,7 +71,7 @@ class BaseTuner(nn.Module):
         self.active_adapter: Union[str, list[str]] = adapter_name
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
-            self.add_adapter(name, config)
+            self.add_adapter(name, config, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self.set_adapter(adapter_name)
         # As peft: the injected model carries its configs (read by `get_peft_model_state_dict`).
         self.model.peft_config = self.peft_config
@@ -59,12 +88,38 @@ class BaseTuner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    # ------------------------------------------------------------------ hooks for methods
+    # ------------------------------------------------------------------ the method contract
+    def layer_kwargs(self, config: Any, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        """The arguments of `layer_cls.update_layer` for the module at `key`: where config becomes layer."""
+        raise NotImplementedError
+
+    def new_layer_kwargs(self, config: Any, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        """Hook: extra constructor arguments of a new layer (besides `layer_kwargs`)."""
+        return {}
+
     def _create_and_replace(
         self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
     ) -> None:
-        """Wrap `target` (or add `adapter_name` to it if it is already wrapped)."""
-        raise NotImplementedError
+        """Add `adapter_name` to `target` if this method wraps it already, else wrap it.
+
+        The first of `dispatchers` that returns a layer wins; none -> a TargetModulesError that
+        names the module and what the method supports, raised before anything is changed.
+        """
+        kwargs = self.layer_kwargs(config, adapter_name, current_key, target)
+        if isinstance(target, self.layer_cls):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        kwargs.update(self.new_layer_kwargs(config, adapter_name, current_key, target))
+        built = (dispatch(target, adapter_name, **kwargs) for dispatch in self.dispatchers)
+        new_module = next((layer for layer in built if layer is not None), None)
+        if new_module is None:
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            raise TargetModulesError(
+                f"Target module {current_key!r} is a {type(base).__name__}, which {self.display_name} cannot wrap. "
+                f"Supported: {self.supported_layers}. Narrow target_modules (or add {target_name!r} to exclude_modules)."
+            )
+        record_layout(config, new_module, current_key)
+        replace_module(parent, target_name, new_module)
 
     def _mark_extra_trainable(self, config: Any) -> None:
         """Hook: make method-specific non-adapter tensors trainable (e.g. LoRA's `bias` option)."""
@@ -86,6 +141,29 @@ class BaseTuner(nn.Module):
         Return a new dict; the default saves `state` as it is.
         """
         return state
+
+    def prepare_save(
+        self, adapter_name: str, state: dict[str, "torch.Tensor"], config_fields: dict[str, Any], **save_options: Any
+    ) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
+        """Hook: the (tensors, adapter_config.json fields) `save_pretrained` writes for `adapter_name`.
+
+        `save_options` are save_pretrained's conversion options (`path_initial_model_for_weight_conversion`)
+        and `read_weights(folder)`, a reader of saved adapters. The default writes both unchanged and
+        refuses the conversion, which only LoRA's PiSSA/OLoRA inits define.
+        """
+        if save_options.get("path_initial_model_for_weight_conversion") is not None:
+            raise ConfigError(
+                "path_initial_model_for_weight_conversion is only supported for LoRA adapters, "
+                f"not {self.peft_config[adapter_name].peft_type}."
+            )
+        return state, config_fields
+
+    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Hook: peft's `autocast_adapter_dtype`. Layers create adapters in fp32 over fp16/bf16 bases
+        (True); with False, `adapter_name`'s tensors take their base layer's dtype instead."""
+        if not autocast_adapter_dtype:
+            for _, layer in self.tuner_layers():
+                layer._move_adapter_to_base(adapter_name, keep_fp32=False)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -125,8 +203,15 @@ class BaseTuner(nn.Module):
             names.add(name)
         return names
 
-    def add_adapter(self, adapter_name: str, config: Any) -> None:
-        """Inject a new adapter; on any failure the model is left exactly as before."""
+    def add_adapter(
+        self, adapter_name: str, config: Any, low_cpu_mem_usage: bool = False, state_dict: Optional[Mapping[str, Any]] = None
+    ) -> None:
+        """Inject a new adapter; on any failure the model is left exactly as before.
+
+        `low_cpu_mem_usage`: the new adapter's parameters are created on the meta device (loading
+        weights materialises them). `state_dict`: wrap the modules its keys name instead of those
+        `target_modules` selects (peft's rule; the values are not used).
+        """
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"An adapter named {adapter_name!r} exists already; pick another name.")
@@ -134,7 +219,13 @@ class BaseTuner(nn.Module):
         self._check_new_adapter_config(config)
         self.peft_config[adapter_name] = config
         try:
-            self._inject(adapter_name, config)
+            with _parameters_on_meta(low_cpu_mem_usage):
+                if state_dict is None:
+                    self._inject(adapter_name, config)
+                else:
+                    self._inject(adapter_name, config, _modules_named_in(state_dict, self.prefix, self.model))
+            if low_cpu_mem_usage:
+                _refuse_unsaved_meta(self, adapter_name)
         except BaseException:
             self._remove_adapter_from_layers(adapter_name)
             del self.peft_config[adapter_name]
@@ -145,7 +236,8 @@ class BaseTuner(nn.Module):
             module.set_adapter(active)
         self._mark_only_adapters_as_trainable()
 
-    def _inject(self, adapter_name: str, config: Any) -> None:
+    def _inject(self, adapter_name: str, config: Any, targets: Optional[set[str]] = None) -> None:
+        """Wrap the modules `config` selects, or exactly the module names `targets` when given."""
         wrapped = [name for name, module in self.model.named_modules() if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))]
         keys = [
             name
@@ -157,12 +249,15 @@ class BaseTuner(nn.Module):
         for key in keys:
             if key_matches(key, modules_to_save):
                 self._wrap_module_to_save(key, adapter_name)
-            elif is_targeted(config, key):
+            elif is_targeted(config, key) if targets is None else key in targets:
                 parent, target, target_name = get_submodules(self.model, key)
                 self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
                 matched.append(key)
         if not matched:
             raise TargetModulesError(describe_unmatched(config.target_modules, self.model))
+        if targets is not None:
+            by_config = [key for key in keys if is_targeted(config, key) and not key_matches(key, modules_to_save)]
+            _warn_if_targets_differ(by_config, matched)
         self.targeted_module_names = sorted(set(self.targeted_module_names) | set(matched))
 
     def _wrap_module_to_save(self, key: str, adapter_name: str) -> None:
@@ -334,3 +429,77 @@ class BaseTuner(nn.Module):
     def _require_unmerged(self, action: str) -> None:
         if any(layer.merged for _, layer in self.tuner_layers()):
             raise AdapterStateError(f"Cannot {action} while adapters are merged; call unmerge_adapter() first.")
+
+
+# ---------------------------------------------------------------------- low_cpu_mem_usage / state_dict injection
+@contextmanager
+def _parameters_on_meta(enabled: bool) -> Iterator[None]:
+    """accelerate's `init_empty_weights` for parameters only (as peft), when `enabled`.
+
+    A layer whose creation computes with its new (meta) tensors fails inside; that becomes a ConfigError.
+    """
+    if not enabled:
+        yield
+        return
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            yield
+    except (RuntimeError, NotImplementedError) as exc:
+        if "meta" not in str(exc):
+            raise
+        raise ConfigError(
+            f"low_cpu_mem_usage=True: this adapter cannot be created on the meta device ({type(exc).__name__}: "
+            f"{exc}). Create or load it with low_cpu_mem_usage=False."
+        ) from exc
+
+
+def _refuse_unsaved_meta(tuner: BaseTuner, adapter_name: str) -> None:
+    """Meta tensors of the new adapter that checkpoints do not hold could never be loaded: refuse them."""
+    left = []
+    for key, layer in tuner.tuner_layers():
+        saved = {id(tensor) for tensor in layer.adapter_state(adapter_name, key).values()}
+        left += [
+            f"{key}.{name}"
+            for name, param in layer.named_parameters()
+            if param.is_meta and id(param) not in saved and f".{adapter_name}." in f".{name}."
+        ]
+    if left:
+        raise ConfigError(
+            f"low_cpu_mem_usage=True: adapter {adapter_name!r} has {len(left)} tensor(s) that checkpoints do not "
+            f"hold, e.g. {left[0]}, so loading could not fill them on the meta device. Create or load it with "
+            "low_cpu_mem_usage=False."
+        )
+
+
+def _modules_named_in(state_dict: Mapping[str, Any], prefix: str, model: nn.Module) -> set[str]:
+    """Module paths of the keys `<module>.<prefix>...` (peft's rule; a leading `base_model.model.` is dropped too)."""
+    marker = "." + prefix
+    names = {
+        key.removeprefix(PEFT_MODEL_PREFIX).rsplit(marker, 1)[0].removeprefix("_orig_mod.")
+        for key in state_dict
+        if marker in key
+    }
+    present = {name for name, _ in model.named_modules() if name}
+    if not names & present:
+        example = next(iter(state_dict), None)
+        raise TargetModulesError(
+            f"The state_dict names no module of {type(model).__name__} to inject into (e.g. key {example!r}); "
+            f"its keys must read '<module path>.{prefix}...', as in the state dicts peft and peftkit write."
+        )
+    return names
+
+
+def _warn_if_targets_differ(by_config: list[str], by_state_dict: list[str]) -> None:
+    """peft's warning when the state dict and `target_modules` select different modules."""
+    only_config = sorted(set(by_config) - set(by_state_dict))
+    only_state_dict = sorted(set(by_state_dict) - set(by_config))
+    if only_config or only_state_dict:
+        warnings.warn(
+            "The adapter was injected into the modules the state_dict names, which differ from what the config's "
+            f"target_modules selects: only in target_modules: {only_config}; only in the state_dict: {only_state_dict}. "
+            "This is fine if intended.",
+            RuntimeWarning,
+            stacklevel=6,
+        )

@@ -2,7 +2,7 @@
 
 It leaves the user's model untouched and owns one prompt encoder per adapter
 (`self.prompt_encoder[name]`). Every task wrapper calls the same `forward` / `generate`, which
-route the inputs through `inputs.py`; the methods differ only in their encoder (`register_prompt_encoder`).
+route the inputs through `inputs.py`; the methods differ only in their encoder (each method's subclass sets `encoder_cls`).
 Checkpoints hold one tensor, `prompt_embeddings` (the encoder's output over all virtual tokens),
 plus any trained classifier head.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Union
+from typing import Any, ClassVar, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -24,14 +24,8 @@ from .._core.tuner import BaseTuner
 from .config import PromptLearningConfig, fill_from_model_config
 from .inputs import prepare_forward_inputs, prepare_generation_step
 
-_ENCODERS: dict[str, Callable[[Any, nn.Module], nn.Module]] = {}
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 _HEAD_PREFIXES = ("base_model.model.", "base_model.")
-
-
-def register_prompt_encoder(peft_type: Any, factory: Callable[[Any, nn.Module], nn.Module]) -> None:
-    """Declare the encoder class (`factory(config, word_embeddings)`) of a prompt-learning method."""
-    _ENCODERS[str(getattr(peft_type, "value", peft_type))] = factory
 
 
 class PromptLearningModel(BaseTuner):
@@ -39,6 +33,8 @@ class PromptLearningModel(BaseTuner):
 
     prefix = "prompt_encoder"
     is_prompt_learning = True
+    #: Each method's subclass names its encoder: `encoder_cls(config, word_embeddings)`.
+    encoder_cls: ClassVar[Callable[[Any, nn.Module], nn.Module]]
 
     # ------------------------------------------------------------------ adapters
     def _prepare_adapter_config(self, config: PromptLearningConfig) -> PromptLearningConfig:
@@ -57,7 +53,7 @@ class PromptLearningModel(BaseTuner):
         for key in [name for name, _ in self.model.named_modules() if name]:
             if key_matches(key, config.modules_to_save):
                 self._wrap_module_to_save(key, adapter_name)
-        encoder = _ENCODERS[str(config.peft_type)](config, self.word_embeddings())
+        encoder = self.encoder_cls(config, self.word_embeddings())
         device = self.word_embeddings().weight.device
         self.prompt_encoder[adapter_name] = encoder.to(device)
 

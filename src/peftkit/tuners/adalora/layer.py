@@ -29,10 +29,9 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ...errors import ConfigError, TargetModulesError
-from .._core.base_layers import linear_features, refuse_grouped_conv, stored_transposed
+from ...errors import ConfigError
+from .._core.base_layers import base_of, is_linear_like, is_transposed, linear_features, refuse_grouped_conv
 from .._core.layer import BaseTunerLayer
 
 # Added to `ranknum` before dividing, exactly as peft does (so outputs match to the last bit).
@@ -87,11 +86,13 @@ class AdaLoraLayer(BaseTunerLayer):
         self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
         divisor = float(r if ranknum is None else ranknum)
         self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), divisor), requires_grad=False)
+        if self.ranknum[adapter_name].is_meta:
+            # low_cpu_mem_usage puts new parameters on meta for the checkpoint to fill, but checkpoints
+            # never hold ranknum (it comes from the config): it is made real here, bypassing that.
+            self.ranknum._parameters[adapter_name] = nn.Parameter(torch.full((1,), divisor), requires_grad=False)
         if init_lora_weights:
             self.reset_lora_parameters(adapter_name)
-        self._move_adapter_to_base(adapter_name)
-        ranknum_param = self.ranknum[adapter_name]
-        ranknum_param.data = ranknum_param.data.to(self.lora_A[adapter_name].device, self.lora_A[adapter_name].dtype)
+        self._move_adapter_to_base(adapter_name)  # ranknum too: the base's device, the adapter dtype
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def reset_lora_parameters(self, adapter_name: str) -> None:
@@ -133,10 +134,12 @@ class AdaLoraLayer(BaseTunerLayer):
 class SVDLinear(AdaLoraLayer, nn.Module):
     """AdaLoRA on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **adapter_kwargs: Any):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: Optional[bool] = None, **adapter_kwargs: Any
+    ):
         super().__init__()
         self._init_adalora_layer(base_layer, *linear_features(base_layer))
-        self.fan_in_fan_out = fan_in_fan_out
+        self.fan_in_fan_out = is_transposed(base_of(base_layer)) if fan_in_fan_out is None else fan_in_fan_out
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **adapter_kwargs)
 
@@ -175,18 +178,14 @@ class SVDConv2d(AdaLoraLayer, nn.Module):
         )
 
 
-SUPPORTED_LAYERS = "torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D"
+# ---------------------------------------------------------------------- dispatchers (AdaLoraModel.dispatchers)
+def dispatch_linear(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+    """Linear, Conv1D and quantized linear bases (peftkit's or bitsandbytes')."""
+    return SVDLinear(target, adapter_name, **kwargs) if is_linear_like(target) else None
 
 
-def create_adalora_module(
-    target: nn.Module, adapter_name: str, key: str, fan_in_fan_out: bool, **adapter_kwargs: Any
-) -> nn.Module:
-    """Wrap `target` in the AdaLoRA layer for its type, or say which types are supported."""
-    if isinstance(target, (nn.Linear, Conv1D)):
-        return SVDLinear(target, adapter_name, fan_in_fan_out=stored_transposed(target, fan_in_fan_out), **adapter_kwargs)
-    if isinstance(target, nn.Conv2d):
-        return SVDConv2d(target, adapter_name, **adapter_kwargs)
-    raise TargetModulesError(
-        f"Target module {key!r} is a {type(target).__name__}, which AdaLoRA cannot wrap. Supported: "
-        f"{SUPPORTED_LAYERS}. Narrow target_modules (or add {key.rpartition('.')[2]!r} to exclude_modules)."
-    )
+def dispatch_conv2d(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+    return SVDConv2d(target, adapter_name, **kwargs) if isinstance(target, nn.Conv2d) else None
+
+
+SUPPORTED_LAYERS = "torch.nn.Linear, torch.nn.Conv2d, transformers' Conv1D and quantized linear layers"

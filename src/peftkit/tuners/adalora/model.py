@@ -21,40 +21,11 @@ import torch
 from torch import nn
 
 from ...errors import AdapterStateError, CheckpointError, ConfigError
-from ...registry import register_method
-from ...utils.peft_types import PeftType
-from .._core.module_tree import replace_module
 from ..lora.model import LoraModel
 from .config import AdaLoraConfig
-from .layer import AdaLoraLayer, create_adalora_module
+from .constants import ADALORA_TARGET_MODULES_BY_MODEL_TYPE
+from .layer import SUPPORTED_LAYERS, AdaLoraLayer, dispatch_conv2d, dispatch_linear
 from .rank_allocator import RankAllocator, lookup_mask
-
-# Default targets per `config.model_type`, as peft's AdaLoRA mapping (wider than LoRA's for some).
-ADALORA_TARGET_MODULES_BY_MODEL_TYPE: dict[str, Any] = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "llama4": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
-    "gpt_bigcode": ["c_attn"],
-    "deberta": ["in_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 
 
 class AdaLoraModel(LoraModel):
@@ -66,6 +37,10 @@ class AdaLoraModel(LoraModel):
 
     prefix = "lora_"
     default_target_modules = ADALORA_TARGET_MODULES_BY_MODEL_TYPE
+    layer_cls = AdaLoraLayer
+    dispatchers = (dispatch_linear, dispatch_conv2d)
+    display_name = "AdaLoRA"
+    supported_layers = SUPPORTED_LAYERS
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
@@ -79,32 +54,14 @@ class AdaLoraModel(LoraModel):
         return next((name for name, config in self.peft_config.items() if not config.inference_mode), None)
 
     # ------------------------------------------------------------------ injection
-    def _create_and_replace(
-        self,
-        config: AdaLoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-    ) -> None:
-        kwargs: dict[str, Any] = {
-            "r": self._initial_rank(config, adapter_name, current_key),
+    def layer_kwargs(self, config: AdaLoraConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        return {
+            "r": self._initial_rank(config, adapter_name, key),
             "lora_alpha": config.lora_alpha,
             "lora_dropout": config.lora_dropout,
             "init_lora_weights": config.init_lora_weights,
             "ranknum": config.init_r,
         }
-        if isinstance(target, AdaLoraLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        new_module = create_adalora_module(
-            target, adapter_name, key=current_key, fan_in_fan_out=config.fan_in_fan_out, **kwargs
-        )
-        if getattr(new_module, "fan_in_fan_out", False):
-            # As peft: the adapter's (private copy of the) config records that its targets are (in, out).
-            config.fan_in_fan_out = True
-        replace_module(parent, target_name, new_module)
 
     @staticmethod
     def _initial_rank(config: AdaLoraConfig, adapter_name: str, key: str) -> int:
@@ -230,5 +187,3 @@ class AdaLoraModel(LoraModel):
             state[f"{key}.lora_B"] = state[f"{key}.lora_B"][:, kept]
         return state
 
-
-register_method(PeftType.ADALORA, AdaLoraConfig, AdaLoraModel, prefix="lora_")

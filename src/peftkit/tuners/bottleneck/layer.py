@@ -91,6 +91,7 @@ class BottleneckLayer(BaseTunerLayer, nn.Module):
         adapter_name: str,
         key: str,
         parallel_input: tuple[int, str] = (0, "hidden_states"),
+        composition: str = "stack",
         **adapter_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -99,7 +100,7 @@ class BottleneckLayer(BaseTunerLayer, nn.Module):
         self.in_features, self.out_features = feature_sizes(base_layer, key)
         self.parallel_input = parallel_input
         #: How several active adapters combine: "stack" (one after another) or "average".
-        self.composition = "stack"
+        self.composition = composition
         self.bottleneck_size: dict[str, int] = {}
         self.activation: dict[str, str] = {}
         self.scaling: dict[str, float | str] = {}
@@ -134,7 +135,7 @@ class BottleneckLayer(BaseTunerLayer, nn.Module):
         if scaling == "learned":
             self.adapter_scale[adapter_name] = nn.Parameter(torch.ones(1))
         self.reset_adapter_parameters(adapter_name, init_weights)
-        self._place_like_base(adapter_name)
+        self._move_adapter_to_base(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def reset_adapter_parameters(self, adapter_name: str, init_weights: bool) -> None:
@@ -148,22 +149,6 @@ class BottleneckLayer(BaseTunerLayer, nn.Module):
         if init_weights:
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
-
-    def _place_like_base(self, adapter_name: str) -> None:
-        """Adapter tensors on the base's device; fp32 unless the base is fp32/fp64 (as LoRA does)."""
-        reference = next((p for p in self.base_layer.parameters() if p.is_floating_point()), None)
-        if reference is None:
-            return
-        dtype = reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
-        for attr in self.adapter_layer_names:
-            container = getattr(self, attr)
-            if adapter_name not in container:
-                continue
-            item = container[adapter_name]
-            if isinstance(item, nn.Parameter):
-                item.data = item.data.to(reference.device, dtype)
-            else:
-                item.to(reference.device, dtype)
 
     # ------------------------------------------------------------------ forward
     def _active_here(self) -> list[str]:
@@ -224,3 +209,8 @@ class BottleneckLayer(BaseTunerLayer, nn.Module):
 
     def __repr__(self) -> str:
         return "bottleneck." + super().__repr__()
+
+
+def dispatch_bottleneck(target: nn.Module, adapter_name: str, **kwargs: Any) -> BottleneckLayer:
+    """BottleneckModel's one dispatcher: an adapter can follow (or run beside) any module with a known output size."""
+    return BottleneckLayer(target, adapter_name, **kwargs)

@@ -17,13 +17,10 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ...errors import AdapterStateError, ConfigError, TargetModulesError
-from ...registry import register_method
-from ...utils.peft_types import PeftType
 from .._core.matching import is_targeted
-from .._core.module_tree import replace_module
 from .._core.tuner import BaseTuner
 from .config import BottleneckConfig
-from .layer import BottleneckLayer, feature_sizes
+from .layer import BottleneckLayer, dispatch_bottleneck, feature_sizes
 from .presets import BLOCK_LAYOUTS, COARSE_NAMES, DEFAULT_COARSE_NAMES, BlockLayout, module_paths, parallel_input_for
 
 
@@ -48,6 +45,9 @@ class BottleneckModel(BaseTuner):
     """
 
     prefix = "adapter_"
+    layer_cls = BottleneckLayer
+    dispatchers = (dispatch_bottleneck,)
+    display_name = "bottleneck"
     _composition = "stack"
 
     # ------------------------------------------------------------------ targets
@@ -97,34 +97,19 @@ class BottleneckModel(BaseTuner):
                         "houlsby/pfeiffer or parallel) as the adapters already there, or other target_modules."
                     )
 
-    def _create_and_replace(
-        self,
-        config: BottleneckConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-    ) -> None:
-        if isinstance(target, BottleneckLayer):
-            features = target.out_features
-        else:
-            features = feature_sizes(target, current_key)[1]
-        kwargs: dict[str, Any] = {
-            "bottleneck_size": config.bottleneck_size(features, current_key),
+    def layer_kwargs(self, config: BottleneckConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        features = target.out_features if isinstance(target, BottleneckLayer) else feature_sizes(target, key)[1]
+        return {
+            "bottleneck_size": config.bottleneck_size(features, key),
             "activation": config.activation,
             "dropout": config.adapter_dropout,
             "scaling": config.scaling,
             "parallel": config.is_parallel,
             "init_weights": config.init_weights,
         }
-        if isinstance(target, BottleneckLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        parallel_input = parallel_input_for(self._layout(), current_key)
-        new_module = BottleneckLayer(target, adapter_name, key=current_key, parallel_input=parallel_input, **kwargs)
-        new_module.composition = self._composition
-        replace_module(parent, target_name, new_module)
+
+    def new_layer_kwargs(self, config: BottleneckConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        return {"key": key, "parallel_input": parallel_input_for(self._layout(), key), "composition": self._composition}
 
     # ------------------------------------------------------------------ several active adapters
     @property
@@ -153,5 +138,3 @@ class BottleneckModel(BaseTuner):
             "nonlinear. Keep the PeftModel for inference, or call unload() to get the base model back."
         )
 
-
-register_method(PeftType.BOTTLENECK, BottleneckConfig, BottleneckModel, prefix="adapter_")

@@ -16,14 +16,13 @@ Unmerging divides again; entries of l that are exactly zero cannot be undone (wa
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...errors import AdapterStateError
-from .._core.base_layers import is_plain_linear, unobserved
+from .._core.base_layers import base_of, is_linear_like, is_plain_linear, unobserved
 from .._core.layer import BaseTunerLayer
 from .fused import IA3LinearFunction, can_fold
 
@@ -88,50 +87,29 @@ class IA3Layer(BaseTunerLayer, nn.Module):
         return (result.to(scaling.dtype) * scaling).to(result.dtype)
 
     # ------------------------------------------------------------------ merging (multiplicative)
-    def _scaled_bias(self, adapter_name: str, inverse: bool = False) -> Optional[torch.Tensor]:
-        """The base bias times (or divided by) the vector; None for feed-forward or bias-free layers."""
-        bias = self.get_base_layer().bias
+    def fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """W <- W * l (b <- b * l for attention targets; the bias is untouched for feed-forward ones)."""
+        weight = (weight * self._weight_factor(adapter_name).detach()).to(weight.dtype)
         if self.is_feedforward or bias is None:
-            return None
-        factor = self.ia3_l[adapter_name].detach().reshape(bias.shape)
-        return bias.data / _nonzero(factor) if inverse else bias.data * factor
+            return weight, bias
+        return weight, (bias * self.ia3_l[adapter_name].detach().reshape(bias.shape)).to(bias.dtype)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold each adapter into the base layer: W <- W * l (and b <- b * l for attention targets).
-
-        With `safe_merge`, the result is checked for NaN/inf before the layer is touched.
-        """
-        base = self.get_base_layer()
-        for name in self._adapters_to_merge(adapter_names):
-            weight = base.weight.data * self._weight_factor(name).detach()
-            bias = self._scaled_bias(name)
-            if safe_merge and not all(t is None or torch.isfinite(t).all() for t in (weight, bias)):
-                raise AdapterStateError(
-                    f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
-                )
-            base.weight.data = weight.to(base.weight.dtype)
-            if bias is not None:
-                base.bias.data = bias.to(base.bias.dtype)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Divide every merged vector out again, newest first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            factor = self._weight_factor(name).detach()
-            if (factor == 0).any():
-                warnings.warn(
-                    f"Adapter {name!r} has zero entries; the weights they zeroed cannot be restored by unmerging.",
-                    stacklevel=2,
-                )
-            bias = self._scaled_bias(name, inverse=True)
-            base.weight.data = (base.weight.data / _nonzero(factor)).to(base.weight.dtype)
-            if bias is not None:
-                base.bias.data = bias.to(base.bias.dtype)
+    def unfold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """W <- W / l (and b <- b / l); entries of l that are exactly zero cannot be undone (warned about)."""
+        factor = self._weight_factor(adapter_name).detach()
+        if (factor == 0).any():
+            warnings.warn(
+                f"Adapter {adapter_name!r} has zero entries; the weights they zeroed cannot be restored by unmerging.",
+                stacklevel=4,
+            )
+        weight = (weight / _nonzero(factor)).to(weight.dtype)
+        if self.is_feedforward or bias is None:
+            return weight, bias
+        return weight, (bias / _nonzero(self.ia3_l[adapter_name].detach().reshape(bias.shape))).to(bias.dtype)
 
     def __repr__(self) -> str:
         return "ia3." + super().__repr__()
@@ -225,7 +203,14 @@ class Conv(IA3Layer):
         return vector.reshape(-1, *(1,) * self.kernel_dims)  # (channels, 1, 1): batched or not
 
 
-#: Extra layer factories (e.g. peftkit.quantization's, for quantized bases), newest first:
-#: `dispatch(target, adapter_name, is_feedforward=..., init_ia3_weights=...)` returns an
-#: `IA3Layer` for targets it handles, else None; the built-in Linear/Conv rules come after.
-IA3_DISPATCHERS: list[Callable[..., Optional[IA3Layer]]] = []
+# ---------------------------------------------------------------------- dispatchers (IA3Model.dispatchers)
+def dispatch_linear(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[IA3Layer]:
+    """Linear, Conv1D and quantized linear bases (peftkit's or bitsandbytes')."""
+    return Linear(target, adapter_name, **kwargs) if is_linear_like(base_of(target)) else None
+
+
+def dispatch_conv(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[IA3Layer]:
+    return Conv(target, adapter_name, **kwargs) if isinstance(base_of(target), (nn.Conv2d, nn.Conv3d)) else None
+
+
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d/3d and quantized linear layers"

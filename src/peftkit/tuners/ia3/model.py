@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from typing import Any
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ...errors import ConfigError, TargetModulesError
-from ...registry import register_method
-from ...utils.peft_types import PeftType
+from ...errors import ConfigError
 from ...utils.validation import as_name_set
-from .._core.layer import BaseTunerLayer
-from .._core.module_tree import replace_module
 from .._core.tuner import BaseTuner
 from .config import IA3Config
 from .constants import IA3_FEEDFORWARD_MODULES_BY_MODEL_TYPE, IA3_TARGET_MODULES_BY_MODEL_TYPE
-from .layer import IA3_DISPATCHERS, Conv, IA3Layer, Linear
-
-SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d and torch.nn.Conv3d"
+from .layer import SUPPORTED_LAYERS, IA3Layer, dispatch_conv, dispatch_linear
 
 
 def is_feedforward(config: IA3Config, key: str) -> bool:
@@ -43,6 +35,10 @@ class IA3Model(BaseTuner):
 
     prefix = "ia3_"
     default_target_modules = IA3_TARGET_MODULES_BY_MODEL_TYPE
+    layer_cls = IA3Layer
+    dispatchers = (dispatch_linear, dispatch_conv)
+    display_name = "IA3"
+    supported_layers = SUPPORTED_LAYERS
 
     def _prepare_adapter_config(self, config: IA3Config) -> IA3Config:
         """Resolve `target_modules` (core rules) and `feedforward_modules` (per-architecture default).
@@ -63,47 +59,10 @@ class IA3Model(BaseTuner):
         resolved.feedforward_modules = as_name_set(feedforward)
         return resolved
 
-    def _create_and_replace(
-        self,
-        config: IA3Config,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-    ) -> None:
-        if isinstance(target, IA3Layer):
-            target.update_layer(adapter_name, init_ia3_weights=config.init_ia3_weights)
-            return
-        kwargs: dict[str, Any] = {
-            "is_feedforward": is_feedforward(config, current_key),
-            "init_ia3_weights": config.init_ia3_weights,
-        }
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        candidates = (dispatch(target, adapter_name, **kwargs) for dispatch in reversed(IA3_DISPATCHERS))
-        dispatched = next((module for module in candidates if module is not None), None)
-        if dispatched is not None:
-            replace_module(parent, target_name, dispatched)
-            return
-        if isinstance(base, (nn.Conv2d, nn.Conv3d)):
-            new_module: IA3Layer = Conv(target, adapter_name, **kwargs)
-        elif isinstance(base, (nn.Linear, Conv1D)):
-            stored_transposed = isinstance(base, Conv1D)
-            if config.fan_in_fan_out != stored_transposed:
-                warnings.warn(
-                    f"fan_in_fan_out={config.fan_in_fan_out} is wrong for {type(base).__name__} {current_key!r}; "
-                    f"using {stored_transposed}.",
-                    stacklevel=4,
-                )
-                # As peft: the adapter's (private copy of the) config records the layout it found.
-                config.fan_in_fan_out = stored_transposed
-            new_module = Linear(target, adapter_name, **kwargs)
-        else:
-            raise TargetModulesError(
-                f"Target module {current_key!r} is a {type(base).__name__}, which IA3 cannot wrap. Supported: "
-                f"{SUPPORTED_LAYERS}. Narrow target_modules (or add {target_name!r} to exclude_modules)."
-            )
-        replace_module(parent, target_name, new_module)
+    def layer_kwargs(self, config: IA3Config, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        return {"init_ia3_weights": config.init_ia3_weights}
 
+    def new_layer_kwargs(self, config: IA3Config, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        # Fixed when the layer is made: a layer scales either its input or its output.
+        return {"is_feedforward": is_feedforward(config, key)}
 
-register_method(PeftType.IA3, IA3Config, IA3Model, prefix="ia3_")

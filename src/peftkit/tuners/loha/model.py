@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ...registry import register_method
-from ...utils.peft_types import PeftType
-from .._lycoris import LycorisTuner
+from .._lycoris import LycorisTuner, lycoris_dispatcher
 from .config import LoHaConfig
 from .layer import LoHaLayer
 
@@ -17,6 +15,6 @@ class LoHaModel(LycorisTuner):
 
     prefix = "hada_"
     layer_cls = LoHaLayer
+    dispatchers = (lycoris_dispatcher(LoHaLayer),)
+    display_name = "LoHa"
 
-
-register_method(PeftType.LOHA, LoHaConfig, LoHaModel, prefix="hada_")

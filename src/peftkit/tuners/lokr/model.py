@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...registry import register_method
-from ...utils.peft_types import PeftType
-from .._lycoris import LycorisTuner
+from torch import nn
+
+from .._lycoris import LycorisTuner, lycoris_dispatcher
 from .config import LoKrConfig
 from .layer import LoKrLayer
 
@@ -19,14 +19,14 @@ class LoKrModel(LycorisTuner):
 
     prefix = "lokr_"
     layer_cls = LoKrLayer
+    dispatchers = (lycoris_dispatcher(LoKrLayer),)
+    display_name = "LoKr"
 
-    def _layer_kwargs(self, config: LoKrConfig) -> dict[str, Any]:
+    def layer_kwargs(self, config: LoKrConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
         return {
-            **super()._layer_kwargs(config),
+            **super().layer_kwargs(config, adapter_name, key, target),
             "rank_dropout_scale": config.rank_dropout_scale,
             "decompose_both": config.decompose_both,
             "decompose_factor": config.decompose_factor,
         }
 
-
-register_method(PeftType.LOKR, LoKrConfig, LoKrModel, prefix="lokr_")

@@ -19,21 +19,16 @@ an additive update.
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from ...checkpoint.io import load_adapter_weights
 from ...errors import CheckpointError, ConfigError
 from ...utils.constants import PEFT_MODEL_PREFIX
 from ...utils.peft_types import PeftType
 from .init import is_valid_base_weight_init
-
-if TYPE_CHECKING:
-    from ...peft_model import PeftModel
 
 # Checkpoint-key endings of the factors, and the dim along which the ranks are stacked.
 _A_KEYS = ((".lora_A.weight", 0), (".lora_embedding_A", 0))
@@ -41,18 +36,23 @@ _B_KEYS = ((".lora_B.weight", 1), (".lora_embedding_B", 1))
 
 
 def convert_mutated_init_to_lora(
-    peft_model: "PeftModel", adapter_name: str, state: dict[str, torch.Tensor], initial_dir: str
-) -> tuple[dict[str, torch.Tensor], str]:
-    """(converted tensors, `adapter_config.json` text) for saving `adapter_name` as plain LoRA.
+    config: Any,
+    state: dict[str, torch.Tensor],
+    config_fields: dict[str, Any],
+    initial_dir: str,
+    read_weights: Callable[[str], Mapping[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(converted tensors, config fields to save) for saving a PiSSA/OLoRA adapter as plain LoRA.
 
-    `state` is the adapter's checkpoint dict; `initial_dir` holds the same adapter saved before
-    training (its A0, B0).
+    `config` is the adapter's live config, `state` its checkpoint dict and `config_fields` the
+    fields about to be written. `initial_dir` holds the same adapter saved before training (its
+    A0, B0); `read_weights(folder)` reads an adapter folder's tensors (given by the caller, so
+    this module needs no file code).
     """
-    config = peft_model.peft_config[adapter_name]
     _check_convertible(config)
-    initial = {_bare(key): tensor for key, tensor in load_adapter_weights(os.fspath(initial_dir)).items()}
+    initial = {_bare(key): tensor for key, tensor in read_weights(initial_dir).items()}
     converted = {key: _convert_tensor(key, tensor, initial, initial_dir) for key, tensor in state.items()}
-    return converted, _converted_config_json(peft_model._config_json(adapter_name))
+    return converted, _converted_config_fields(config_fields)
 
 
 def _check_convertible(config: Any) -> None:
@@ -74,7 +74,7 @@ def _check_convertible(config: Any) -> None:
         warnings.warn(
             "path_initial_model_for_weight_conversion only converts a PiSSA/OLoRA adapter to plain LoRA; "
             f"this adapter has init_lora_weights={config.init_lora_weights!r}.",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -98,13 +98,13 @@ def _convert_tensor(key: str, tensor: torch.Tensor, initial: dict[str, torch.Ten
     return tensor
 
 
-def _converted_config_json(config_json: str) -> str:
+def _converted_config_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """The saved config of the rank-2r adapter: r, alpha and the patterns doubled, plain init."""
-    fields = json.loads(config_json)
+    fields = dict(fields)
     fields["init_lora_weights"] = True
     fields["r"] = 2 * fields["r"]
     # scaling alpha / r (or alpha / sqrt(r) with rsLoRA) must not change when r doubles.
     fields["lora_alpha"] = fields["lora_alpha"] * (2**0.5 if fields.get("use_rslora") else 2)
     fields["rank_pattern"] = {key: 2 * value for key, value in (fields.get("rank_pattern") or {}).items()}
     fields["alpha_pattern"] = {key: 2 * value for key, value in (fields.get("alpha_pattern") or {}).items()}
-    return json.dumps(fields, indent=2, sort_keys=True)
+    return fields

@@ -91,14 +91,15 @@ def weight_norm(layer: "LoraLayer", adapter_name: str, base_weight: Optional[tor
         return (base_weight.to(delta.dtype) + delta).flatten(1).norm(dim=1)
 
 
-def unmerged_base_weight(layer: "LoraLayer") -> torch.Tensor:
+def unmerged_base_weight(layer: "LoraLayer", weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W0, the base weight as the unmerged forward sees it, in (out, in, ...) layout.
 
-    Each merged adapter added `delta` (plain LoRA) or `(f - 1) W0 + f delta` (DoRA), so the
+    `weight` is the current (dense, stored-layout) base weight, by default the layer's; the
+    adapters in `layer.merged_adapters` are the ones merged into it. Each merged adapter added `delta` (plain LoRA) or `(f - 1) W0 + f delta` (DoRA), so the
     current weight is `g W0 + sum(f delta)` with `g = 1 + sum(f - 1)`; solve for W0 row by row.
     """
     with torch.no_grad():
-        weight = layer.out_in_layout(layer.base_weight())
+        weight = layer.out_in_layout(layer.base_weight() if weight is None else weight)
         offset: Optional[torch.Tensor] = None
         gain: Optional[torch.Tensor] = None
         for name in layer.merged_adapters:
@@ -124,8 +125,16 @@ class DoraVariant:
 
     @staticmethod
     def init(layer: "LoraLayer", adapter_name: str) -> None:
-        """Create `m = ||W + s B A||` (after any init that changed W, A or B)."""
-        norm = weight_norm(layer, adapter_name).view(layer.dora_channel_shape())
+        """Create `m = ||W + s B A||` (after any init that changed W, A or B).
+
+        With A and B on the meta device (`low_cpu_mem_usage=True`) m is created there too, empty:
+        the checkpoint being loaded fills all three.
+        """
+        factors = list(layer.adapter_params([adapter_name]))
+        if factors and all(factor.is_meta for factor in factors):
+            norm = torch.empty(layer.dora_channel_shape(), device="meta", dtype=factors[0].dtype)
+        else:
+            norm = weight_norm(layer, adapter_name).view(layer.dora_channel_shape())
         layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
 
     @staticmethod
@@ -150,17 +159,19 @@ class DoraVariant:
         return torch.addcmul(low_rank, factor - 1, base_without_bias)
 
     @staticmethod
-    def merge_factor(layer: "LoraLayer", adapter_name: str) -> torch.Tensor:
-        """`f = m / ||W0 + s B A||` (flat, detached), with W0 the unmerged base weight."""
-        base = unmerged_base_weight(layer)
+    def merge_factor(layer: "LoraLayer", adapter_name: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`f = m / ||W0 + s B A||` (flat, detached), with W0 the unmerged base weight (of `weight`)."""
+        base = unmerged_base_weight(layer, weight)
         magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach().flatten()
         return magnitude / weight_norm(layer, adapter_name, base)
 
     @staticmethod
-    def merged_delta(layer: "LoraLayer", adapter_name: str, factor: torch.Tensor) -> torch.Tensor:
+    def merged_delta(
+        layer: "LoraLayer", adapter_name: str, factor: torch.Tensor, weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """`(f - 1) W0 + f s B A` in the base weight's layout; W' = W + this equals `m * V / ||V||`."""
         with torch.no_grad():
-            base = unmerged_base_weight(layer)
+            base = unmerged_base_weight(layer, weight)
             delta = layer.out_in_layout(layer.get_delta_weight(adapter_name))
             factor = _per_row(factor, delta)
             return layer.out_in_layout((factor - 1) * base.to(delta.dtype) + factor * delta)

@@ -29,16 +29,23 @@ how A, B -- and the base weight -- are initialised.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ...errors import AdapterStateError, ConfigError, TargetModulesError
-from .._core.base_layers import is_plain_linear, linear_features, refuse_grouped_conv, stored_transposed, unobserved
+from ...errors import ConfigError
+from ...quantization.weights import is_quantized, read_weight
+from .._core.base_layers import (
+    base_of,
+    is_linear_like,
+    is_plain_linear,
+    is_transposed,
+    linear_features,
+    refuse_grouped_conv,
+    unobserved,
+)
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .dora import DoraVariant
@@ -157,8 +164,8 @@ class LoraLayer(BaseTunerLayer):
         return (self.out_features,)
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight as a dense tensor in its stored layout (quantized layers dequantize)."""
-        return self.get_base_layer().weight
+        """The base weight as a dense tensor in its stored layout (quantized bases dequantize)."""
+        return read_weight(self.get_base_layer())
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         """W x: the base layer's output without its bias (DoRA rescales only this part)."""
@@ -221,43 +228,28 @@ class LoraLayer(BaseTunerLayer):
         return looped_delta(self, x, self.batch_adapter_names, self._lora_delta_output)
 
     # ------------------------------------------------------------------ merging
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W <- W + delta per adapter: `scaling * B A`, or DoRA's rescaled form (see `dora.py`).
+    def fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """W + scaling * B A, or DoRA's `W + (f - 1) W0 + f s B A` (remembering f for `unfold`)."""
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
+            return super().fold(adapter_name, weight, bias)
+        factor = variant.merge_factor(self, adapter_name, weight)
+        self.merge_factors[adapter_name] = factor
+        return weight + variant.merged_delta(self, adapter_name, factor, weight).to(weight.dtype), bias
 
-        With `safe_merge`, the sum is checked for NaN/inf before the weight is touched.
-        """
-        weight = self.get_base_layer().weight
-        for name in self._adapters_to_merge(adapter_names):
-            variant = self.lora_variant.get(name)
-            with torch.no_grad():
-                factor = variant.merge_factor(self, name) if variant is not None else None
-                delta = self._merge_delta(name, factor).to(weight.dtype)
-                if safe_merge and not torch.isfinite(weight + delta).all():
-                    raise AdapterStateError(
-                        f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
-                    )
-                weight.add_(delta)  # on the parameter itself (not .data), so its version counter moves
-            self.merged_adapters.append(name)
-            if factor is not None:
-                self.merge_factors[name] = factor
-
-    def unmerge(self) -> None:
-        """Subtract every merged delta again, newest first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            with torch.no_grad():
-                weight.sub_(self._merge_delta(name, self.merge_factors.get(name)).to(weight.dtype))
-            self.merged_adapters.pop()
-            self.merge_factors.pop(name, None)
-
-    def _merge_delta(self, adapter_name: str, factor: Optional[torch.Tensor]) -> torch.Tensor:
+    def unfold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        factor = self.merge_factors.get(adapter_name)
         if factor is None:
-            return self.get_delta_weight(adapter_name)
-        return self.lora_variant[adapter_name].merged_delta(self, adapter_name, factor)
+            return super().unfold(adapter_name, weight, bias)
+        delta = self.lora_variant[adapter_name].merged_delta(self, adapter_name, factor, weight)
+        return weight - delta.to(weight.dtype), bias
+
+    def _forget_merge(self, adapter_name: str) -> None:
+        self.merge_factors.pop(adapter_name, None)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -266,10 +258,13 @@ class LoraLayer(BaseTunerLayer):
 class Linear(LoraLayer, nn.Module):
     """LoRA on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **lora_kwargs: Any):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: Optional[bool] = None, **lora_kwargs: Any
+    ):
         super().__init__()
         self._init_lora_layer(base_layer, *linear_features(base_layer))
-        self.fan_in_fan_out = fan_in_fan_out
+        # The layout is the base's (see `record_layout`); an explicit value is for tests of the layer alone.
+        self.fan_in_fan_out = is_transposed(base_of(base_layer)) if fan_in_fan_out is None else fan_in_fan_out
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **lora_kwargs)
 
@@ -334,13 +329,18 @@ class Linear(LoraLayer, nn.Module):
                               getattr(dropout, "p", 0.0), dropout.training)
 
     def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
+        if is_quantized(self.get_base_layer()):
+            raise ConfigError(
+                f"init_lora_weights={init_lora_weights!r} rewrites the base weight, which is quantized here; "
+                "use init_lora_weights=True or 'gaussian'."
+            )
         init_from_base_weight(self, adapter_name, init_lora_weights)
 
     def out_in_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.out_in_layout(self.get_base_layer().weight)
+        weight = self.out_in_layout(self.base_weight())
         return F.linear(x.to(weight.dtype), weight)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -449,32 +449,20 @@ class Conv(LoraLayer, nn.Module):
         return delta.view(self.get_base_layer().weight.shape) * self.scaling[adapter_name]
 
 
-# Each dispatcher returns a LoRA layer for a base module it understands, or None. Other packages
-# (quantized layers, bitsandbytes) append theirs, so supporting a new layer type touches no core code.
-Dispatcher = Callable[..., Optional[nn.Module]]
+# ---------------------------------------------------------------------- dispatchers (LoraModel.dispatchers)
+def dispatch_embedding(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+    return Embedding(target, adapter_name, **kwargs) if isinstance(target, nn.Embedding) else None
 
 
-def _dispatch_default(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs: Any) -> Optional[nn.Module]:
-    if isinstance(target, nn.Embedding):
-        return Embedding(target, adapter_name, **kwargs)
-    if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Conv(target, adapter_name, **kwargs)
-    if isinstance(target, (nn.Linear, Conv1D)):
-        return Linear(target, adapter_name, fan_in_fan_out=stored_transposed(target, fan_in_fan_out), **kwargs)
-    return None
+def dispatch_conv(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+    return Conv(target, adapter_name, **kwargs) if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None
 
 
-LORA_DISPATCHERS: list[Dispatcher] = [_dispatch_default]
-SUPPORTED_LAYERS = "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and transformers' Conv1D"
+def dispatch_linear(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+    """Linear, Conv1D and quantized linear bases (peftkit's or bitsandbytes')."""
+    return Linear(target, adapter_name, **kwargs) if is_linear_like(target) else None
 
 
-def create_lora_module(target: nn.Module, adapter_name: str, key: str, **kwargs: Any) -> nn.Module:
-    """Wrap `target` in the LoRA layer for its type, or say which types are supported."""
-    for dispatch in reversed(LORA_DISPATCHERS):
-        module = dispatch(target, adapter_name, **kwargs)
-        if module is not None:
-            return module
-    raise TargetModulesError(
-        f"Target module {key!r} is a {type(target).__name__}, which LoRA cannot wrap. Supported: "
-        f"{SUPPORTED_LAYERS}. Narrow target_modules (or add {key.rpartition('.')[2]!r} to exclude_modules)."
-    )
+SUPPORTED_LAYERS = (
+    "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers' Conv1D and quantized linear layers"
+)

@@ -11,16 +11,14 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ...registry import register_method
-from ...utils.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
-from ...utils.peft_types import PeftType
 from .._core.matching import pattern_value
-from .._core.module_tree import replace_module
 from .._core.modules_to_save import ModulesToSaveWrapper
 from .._core.tuner import BaseTuner
 from .config import LoraConfig
+from .conversion import convert_mutated_init_to_lora
+from .constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
 from .init import is_valid_base_weight_init
-from .layer import LoraLayer, create_lora_module
+from .layer import SUPPORTED_LAYERS, LoraLayer, dispatch_conv, dispatch_embedding, dispatch_linear
 from .mixed_batch import check_names
 from .weighted import add_weighted_adapter
 
@@ -33,34 +31,20 @@ class LoraModel(BaseTuner):
 
     prefix = "lora_"
     default_target_modules = LORA_TARGET_MODULES_BY_MODEL_TYPE
+    layer_cls = LoraLayer
+    dispatchers = (dispatch_embedding, dispatch_conv, dispatch_linear)
+    display_name = "LoRA"
+    supported_layers = SUPPORTED_LAYERS
 
-    def _create_and_replace(
-        self,
-        config: LoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-    ) -> None:
-        kwargs: dict[str, Any] = {
-            "r": pattern_value(config.rank_pattern or {}, current_key, config.r),
-            "lora_alpha": pattern_value(config.alpha_pattern or {}, current_key, config.lora_alpha),
+    def layer_kwargs(self, config: LoraConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        return {
+            "r": pattern_value(config.rank_pattern or {}, key, config.r),
+            "lora_alpha": pattern_value(config.alpha_pattern or {}, key, config.lora_alpha),
             "lora_dropout": config.lora_dropout,
             "init_lora_weights": config.init_lora_weights,
             "use_rslora": config.use_rslora,
             "use_dora": config.use_dora,
         }
-        if isinstance(target, LoraLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        new_module = create_lora_module(
-            target, adapter_name, key=current_key, fan_in_fan_out=config.fan_in_fan_out, **kwargs
-        )
-        if getattr(new_module, "fan_in_fan_out", False):
-            # As peft: the adapter's (private copy of the) config records that its targets are (in, out).
-            config.fan_in_fan_out = True
-        replace_module(parent, target_name, new_module)
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         configs = [config, *self.peft_config.values()]
@@ -101,6 +85,17 @@ class LoraModel(BaseTuner):
     def extra_adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return dict(self._bias_parameters(self.peft_config[adapter_name]))
 
+    def prepare_save(
+        self, adapter_name: str, state: dict[str, torch.Tensor], config_fields: dict[str, Any], **save_options: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """With `path_initial_model_for_weight_conversion`, save PiSSA/OLoRA as plain LoRA (conversion.py)."""
+        initial_dir = save_options.get("path_initial_model_for_weight_conversion")
+        if initial_dir is None:
+            return super().prepare_save(adapter_name, state, config_fields, **save_options)
+        return convert_mutated_init_to_lora(
+            self.peft_config[adapter_name], state, config_fields, initial_dir, save_options["read_weights"]
+        )
+
     def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
         # With bias="all", peft also writes the head's `original_module.bias` and an adapter-less
         # `modules_to_save.bias`; neither is used in forward (the copy's `<head>.bias` is).
@@ -138,5 +133,3 @@ class LoraModel(BaseTuner):
         """
         add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
-
-register_method(PeftType.LORA, LoraConfig, LoraModel, prefix="lora_")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ...errors import ConfigError
-from ...merging import SignMethod, combine
+from ...utils.merge_utils import SignMethod, combine
 from .._core.modules_to_save import ModulesToSaveWrapper
 from .layer import Conv, LoraLayer
 

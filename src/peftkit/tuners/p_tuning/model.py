@@ -13,9 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from ...registry import register_method
-from ...utils.peft_types import PeftType
-from .._prompt.model import PromptLearningModel, register_prompt_encoder
+from .._prompt.model import PromptLearningModel
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 
 
@@ -52,5 +50,8 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(embedded)
 
 
-register_prompt_encoder(PeftType.P_TUNING, PromptEncoder)
-register_method(PeftType.P_TUNING, PromptEncoderConfig, PromptLearningModel, prefix="prompt_encoder")
+class PromptEncoderModel(PromptLearningModel):
+    """The prompt-learning tuner whose adapters are `PromptEncoder`s."""
+
+    encoder_cls = PromptEncoder
+    display_name = "P-tuning"

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...registry import register_method
-from ...utils.peft_types import PeftType
-from .._prompt.model import PromptLearningModel, register_prompt_encoder
+from .._prompt.model import PromptLearningModel
 from .config import PrefixTuningConfig
 
 
@@ -43,5 +41,8 @@ class PrefixEncoder(nn.Module):
         return self.transform(embedded) if self.prefix_projection else embedded
 
 
-register_prompt_encoder(PeftType.PREFIX_TUNING, PrefixEncoder)
-register_method(PeftType.PREFIX_TUNING, PrefixTuningConfig, PromptLearningModel, prefix="prompt_encoder")
+class PrefixTuningModel(PromptLearningModel):
+    """The prompt-learning tuner whose adapters are `PrefixEncoder`s."""
+
+    encoder_cls = PrefixEncoder
+    display_name = "prefix tuning"

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ...registry import register_method
-from ...utils.peft_types import PeftType
-from .._prompt.model import PromptLearningModel, register_prompt_encoder
+from .._prompt.model import PromptLearningModel
 from .config import PromptTuningConfig, PromptTuningInit
 
 
@@ -58,5 +56,8 @@ def _text_token_ids(config: PromptTuningConfig, total: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-register_prompt_encoder(PeftType.PROMPT_TUNING, PromptEmbedding)
-register_method(PeftType.PROMPT_TUNING, PromptTuningConfig, PromptLearningModel, prefix="prompt_encoder")
+class PromptTuningModel(PromptLearningModel):
+    """The prompt-learning tuner whose adapters are `PromptEmbedding`s."""
+
+    encoder_cls = PromptEmbedding
+    display_name = "prompt tuning"

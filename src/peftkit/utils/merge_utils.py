@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SignMethod = Literal["total", "frequency"]
 COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
