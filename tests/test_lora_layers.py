@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import LoraConfig, get_peft_model, inject_adapter_in_model
+from peftkit import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peftkit.tuners.lora import Conv, Embedding, Linear
 
 
@@ -111,10 +111,44 @@ def test_conv_layers_merge_equals_unmerged(target):
     assert torch.allclose(model(x), adapted, atol=1e-5)
 
 
-def test_grouped_conv_is_refused_with_a_clear_error():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="grouped convolutions"):
-        inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), model)
+def _grouped_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1))
+
+
+def test_grouped_conv_adapters_move_both_ways_with_peft(tmp_path):
+    """As peft: B is grouped like the base; peft's adapter loads with its outputs, and ours loads in peft."""
+    import peft
+
+    x = torch.randn(2, 4, 9, 9)
+    with pytest.warns(UserWarning, match="groups > 1. Merging is not supported"):
+        theirs = peft.get_peft_model(_grouped_model(), peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.warns(UserWarning, match="groups > 1. Merging is not supported"):
+        ours = PeftModel.from_pretrained(_grouped_model(), tmp_path / "peft")
+    layer = ours.base_model.model[0]
+    assert layer.lora_B["default"].groups == 2 and layer.lora_B["default"].weight.shape == (8, 2, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+        assert not torch.allclose(ours(x), _grouped_model()(x), atol=1e-3)  # the adapter does something
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_grouped_model(), tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.allclose(back(x), ours(x), atol=1e-6)
+
+
+def test_grouped_conv_refuses_merging_and_bad_ranks():
+    with pytest.warns(UserWarning):
+        model = get_peft_model(_grouped_model(), LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    before = model.base_model.model[0].base_layer.weight.detach().clone()
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        model.merge_adapter()
+    layer = model.base_model.model[0]
+    assert not layer.merged and torch.equal(layer.base_layer.weight, before)
+    with pytest.raises(ValueError, match="groups=2 and rank 3.*divisible by groups"):
+        inject_adapter_in_model(LoraConfig(r=3, target_modules=["0"]), _grouped_model())
+    with pytest.raises(ValueError, match="DoRA.*grouped convolutions"):
+        inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], use_dora=True), _grouped_model())
 
 
 def test_low_precision_base_keeps_fp32_adapter_and_output_dtype():

@@ -12,11 +12,36 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .checkpoint.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from .config import PeftConfig
 from .distributed import fsdp_auto_wrap_policy
-from .errors import AdapterNameError, AdapterStateError, CheckpointError, ConfigError, PeftkitError, TargetModulesError
-from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
+from .errors import (
+    AdapterNameError,
+    AdapterStateError,
+    CheckpointError,
+    ConfigError,
+    NoMatchingPeftModuleError,
+    PeftError,
+    PeftkitError,
+    PeftWarning,
+    TargetModulesError,
+)
+from .helpers import find_kappa_target_modules
+from .mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+    get_peft_model,
+    inject_adapter_in_model,
+)
 from .optimizers import create_loraplus_optimizer
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -37,7 +62,9 @@ from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .utils.other import cast_mixed_precision_params, shift_tokens_right
 from .utils.peft_types import PeftType, TaskType
 
 __version__ = "0.1.0"
@@ -68,7 +95,13 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "NoMatchingPeftModuleError",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -77,6 +110,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEmbedding",
@@ -89,13 +123,23 @@ __all__ = [
     "QuantizationConfig",
     "TargetModulesError",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "cast_mixed_precision_params",
     "create_loraplus_optimizer",
     "fsdp_auto_wrap_policy",
+    "find_kappa_target_modules",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "load_peft_weights",
     "prepare_model_for_kbit_training",
     "quantize_model",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
+    "shift_tokens_right",
 ]

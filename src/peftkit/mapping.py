@@ -1,10 +1,11 @@
-"""Entry points: `get_peft_model`, `inject_adapter_in_model`, `get_peft_config`."""
+"""Entry points: `get_peft_model`, `inject_adapter_in_model`, `get_peft_config`, and peft's public
+`PEFT_TYPE_TO_*_MAPPING` tables (read-only views of the registry)."""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
@@ -14,7 +15,8 @@ from .checkpoint.adapter_folder import base_model_name
 from .config import PeftConfig
 from .errors import ConfigError
 from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
-from .registry import method_spec
+from .registry import MethodSpec, method_spec, registered_methods
+from .utils.peft_types import PeftType
 
 
 def get_peft_model(
@@ -88,3 +90,56 @@ def inject_adapter_in_model(
 def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
     """Build the right config class from a dict holding `peft_type`."""
     return PeftConfig.from_peft_type(**config_dict)
+
+
+# ---------------------------------------------------------------------- peft's public mappings
+class RegistryMapping(Mapping):
+    """A read-only `peft_type -> value` view of the registry (peft's `PEFT_TYPE_TO_*_MAPPING` dicts).
+
+    Filled lazily: a lookup imports only the method asked for; iterating imports every built-in
+    method. Methods registered later (`register_method`) appear too. Keys are `PeftType` members
+    (plain strings for third-party methods); `"LORA"` and `PeftType.LORA` find the same entry.
+    """
+
+    def __init__(self, name: str, value: Callable[[MethodSpec], Any], include: Callable[[MethodSpec], bool] = lambda _: True):
+        self._name = name
+        self._value = value
+        self._include = include
+
+    @staticmethod
+    def _key(spec: MethodSpec) -> Any:
+        try:
+            return PeftType(spec.peft_type)
+        except ValueError:
+            return spec.peft_type
+
+    def __getitem__(self, peft_type: Any) -> Any:
+        try:
+            spec = method_spec(peft_type)
+        except ConfigError:
+            raise KeyError(peft_type) from None
+        if not self._include(spec):
+            raise KeyError(peft_type)
+        return self._value(spec)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([self._key(spec) for spec in registered_methods() if self._include(spec)])
+
+    def __len__(self) -> int:
+        return sum(1 for spec in registered_methods() if self._include(spec))
+
+    def __repr__(self) -> str:
+        return f"{self._name}({dict(self)!r})"
+
+
+#: peft_type -> config class (`LoraConfig`, ...).
+PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[Any, type] = RegistryMapping("PEFT_TYPE_TO_CONFIG_MAPPING", lambda s: s.config_cls)
+#: peft_type -> tuner class (`LoraModel`, ...; prompt-learning methods: their prompt tuner).
+PEFT_TYPE_TO_TUNER_MAPPING: Mapping[Any, type] = RegistryMapping("PEFT_TYPE_TO_TUNER_MAPPING", lambda s: s.tuner_cls)
+#: peft_type -> checkpoint-key prefix of the method's tensors (`"lora_"`, ...).
+PEFT_TYPE_TO_PREFIX_MAPPING: Mapping[Any, str] = RegistryMapping("PEFT_TYPE_TO_PREFIX_MAPPING", lambda s: s.prefix)
+#: peft_type -> tuner class usable in a `PeftMixedModel`. peftkit has no mixed model yet
+#: (`get_peft_model(mixed=True)` is refused), so no method is listed.
+PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[Any, type] = RegistryMapping(
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING", lambda s: s.tuner_cls, include=lambda _: False
+)

@@ -116,8 +116,12 @@ class PeftModel(nn.Module):
         self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self.base_model.set_adapter(self.active_adapters)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Activate `adapter_name`; with `inference_mode=True` it stays frozen (requires_grad False), as in peft.
+
+        An adapter whose config has `inference_mode` set (loaded with `is_trainable=False`) stays frozen too.
+        """
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -240,7 +244,73 @@ class PeftModel(nn.Module):
                 read_weights=read_adapter_weights,
             )
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
-            write_adapter(out_dir, fields, state, safe_serialization)
+            write_adapter(out_dir, fields, state, safe_serialization, model_card=self._model_card_info())
+
+    def _model_card_info(self) -> Any:
+        """What the `README.md` beside a saved adapter says (see `checkpoint.model_card`)."""
+        from .checkpoint.model_card import model_card_info
+
+        return model_card_info(
+            self.get_base_model(), self.active_peft_config.peft_type, causal_lm=isinstance(self, PeftModelForCausalLM)
+        )
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write or update `output_dir/README.md` with peft's metadata (`save_pretrained` does this itself)."""
+        from .checkpoint.model_card import README_NAME, model_card_text, read_existing_card
+        from .utils.files import atomic_write_text
+
+        os.makedirs(output_dir, exist_ok=True)
+        text = model_card_text(self._model_card_info(), read_existing_card(output_dir))
+        atomic_write_text(os.path.join(output_dir, README_NAME), text)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: Optional[str] = None,
+        commit_description: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Union[bool, str, None] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        max_shard_size: Union[int, str, None] = "50GB",
+        tags: Optional[list[str]] = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Upload the adapter folder `save_pretrained` writes to the hub repo `repo_id` (created if missing).
+
+        transformers' `PushToHubMixin.push_to_hub` signature, which peft inherits; `save_kwargs`
+        (`selected_adapters`, `safe_serialization`, ...) go to `save_pretrained`, and `tags` are added to
+        the model card. `max_shard_size` is accepted for compatibility (adapters are one file).
+        Refuses with `OfflineModeIsEnabled` when `HF_HUB_OFFLINE` is set. Returns the commit info.
+        """
+        from .checkpoint.hub import push_adapter_folder
+
+        return push_adapter_folder(
+            lambda folder: self.save_pretrained(folder, **save_kwargs),
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            tags=tags,
+        )
+
+    # ------------------------------------------------------------------ status
+    def get_layer_status(self) -> list[Any]:
+        """One `TunerLayerStatus` per adapter layer (name, type, enabled, active / merged / available
+        adapters, requires_grad and devices per adapter, quantization backend), as peft reports it."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """`TunerModelStatus`: the adapter state of the whole model ("irregular" where layers disagree)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -312,8 +382,14 @@ def _load(
     """What `from_pretrained` and `load_adapter` share: read the adapter (config unless given, and
     weights: one location, one set of hub arguments), check the config, `build(config)` (inject it),
     load the weights -- removing the adapter again if that fails -- and switch to eval unless trainable.
+
+    A `config` given is kept, as in peft: `peft_config[adapter_name] is config` afterwards, with
+    `inference_mode = not is_trainable` and the fields the model resolves (target_modules, ...) set on it.
     """
     validate_adapter_name(adapter_name)
+    if config is not None and not isinstance(config, PeftConfig):
+        raise ConfigError(f"The input config must be a PeftConfig, got {config.__class__}")
+    given = config
     checkpoint = read_adapter(
         model_id, read_config=config is None, device=kwargs.get("torch_device"), **hub_kwargs_of(kwargs)
     )
@@ -321,6 +397,10 @@ def _load(
     if config.is_prompt_learning and is_trainable:
         raise ConfigError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
     peft_model = build(dataclasses.replace(config, inference_mode=not is_trainable))
+    if given is not None:
+        # The model holds a resolved copy; move its fields onto the caller's object and keep that one.
+        given.__dict__.update(vars(peft_model.peft_config[adapter_name]))
+        peft_model.peft_config[adapter_name] = given
     try:
         result = set_peft_model_state_dict(peft_model, checkpoint.weights, adapter_name=adapter_name, strict=True)
     except BaseException:

@@ -7,7 +7,8 @@ with one set of hub arguments (`io.HUB_KWARGS`).
 Writing: `adapter_config_to_save` is peft's rule for the saved config (`inference_mode: true`,
 `base_model_name_or_path` filled from the model, `auto_mapping` when there is no task type),
 `config_text` is the only producer of `adapter_config.json` text (keys sorted, indent 2), and
-`write_adapter` commits config and weights together through `utils.files.commit_files`.
+`write_adapter` commits config, weights and the model card `README.md` (`model_card.py`) together
+through `utils.files.commit_files`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..utils.files import (
     weights_writer,
 )
 from .io import hub_kwargs_of
+from .model_card import README_NAME, ModelCardInfo, model_card_text, read_existing_card
 
 if TYPE_CHECKING:
     from ..config import PeftConfig
@@ -188,13 +190,36 @@ def config_text(fields: Mapping[str, Any]) -> str:
 
 
 def write_adapter(
-    directory: str, config_fields: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], safe_serialization: bool = True
+    directory: str,
+    config_fields: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    safe_serialization: bool = True,
+    model_card: Optional[ModelCardInfo] = None,
 ) -> None:
-    """Commit `adapter_config.json` and the weights file into `directory` together (atomically)."""
+    """Commit `adapter_config.json`, the weights file and the model card `README.md` into `directory`
+    together (atomically).
+
+    The card says what `model_card` (`model_card.model_card_info(...)`) holds; without it, it is
+    built from the config (`base_model_name_or_path`, `peft_type`). A `README.md` already in
+    `directory` keeps its text and its other metadata.
+    """
+    if model_card is None:
+        base_name = config_fields.get("base_model_name_or_path")
+        model_card = ModelCardInfo(
+            base_model=base_name,
+            tags=("lora",) if config_fields.get("peft_type") == "LORA" else (),
+            pipeline_tag="text-generation" if config_fields.get("task_type") == "CAUSAL_LM" else None,
+            quantization_config=None,
+        )
     weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    card = model_card_text(model_card, read_existing_card(directory))
     commit_files(
         directory,
-        {weights_name: weights_writer(tensors, safe_serialization), CONFIG_NAME: text_writer(config_text(config_fields))},
+        {
+            weights_name: weights_writer(tensors, safe_serialization),
+            CONFIG_NAME: text_writer(config_text(config_fields)),
+            README_NAME: text_writer(card),
+        },
     )
 
 

@@ -64,6 +64,9 @@ def embedding_state_to_save(model: nn.Module, config: Any, save_embedding_layers
         save_embedding_layers = targeted or _vocab_was_resized(config, model)
     if not save_embedding_layers:
         return {}
+    if not hasattr(model, "get_input_embeddings"):  # peft's rule: only transformers models name their embeddings
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.")
+        return {}
     state = {}
     for layer in _embedding_layers(model):
         if targeted and not isinstance(layer, BaseTunerLayer):

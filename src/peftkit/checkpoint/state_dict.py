@@ -32,12 +32,28 @@ def _tuner_of(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module, str]:
     """(tuner or None, module tree holding the adapters, key prefix) for a PeftModel or an injected model."""
     from ..tuners._core.tuner import BaseTuner
 
+    model = _unwrap_parallel(model)
     base_model = model.__dict__.get("_modules", {}).get("base_model")
     if isinstance(base_model, BaseTuner):
         return base_model, base_model.model, PEFT_MODEL_PREFIX
     if isinstance(model, BaseTuner):
         return model, model.model, "model."
     return None, model, ""
+
+
+def _unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside FSDP1 / DDP / activation-checkpoint / torch.compile wrappers (e.g. the PeftModel)."""
+    while True:
+        children = model.__dict__.get("_modules", {})
+        inner = next(
+            (children[name] for name in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod") if name in children),
+            None,
+        )
+        if inner is None and type(model).__name__ == "DistributedDataParallel":
+            inner = children.get("module")
+        if inner is None:
+            return model
+        model = inner
 
 
 def _prompt_learning_tuner(model: nn.Module, adapter_name: str) -> Optional[nn.Module]:
@@ -162,6 +178,9 @@ def set_peft_model_state_dict(
     missing = sorted(k for k in target if k not in incoming)
     # Full embedding matrices (peft's save_embedding_layers) are loaded when present, never required.
     optional = {prefix + key: tensor for key, tensor in embedding_state_accepted(_tuner_of(model)[1]).items()}
+    if tuner is not None and unexpected:  # e.g. learnable biases (peft loads any key naming a model tensor)
+        accepted = tuner.accepted_checkpoint_tensors(adapter_name)
+        optional.update({prefix + key: tensor for key, tensor in accepted.items() if prefix + key in incoming})
     unexpected = [key for key in unexpected if key not in optional]
     target = {**target, **{key: tensor for key, tensor in optional.items() if key in incoming}}
     if strict and (missing or unexpected):
@@ -221,3 +240,42 @@ def _describe_key_mismatch(missing: list[str], unexpected: list[str]) -> str:
         "The adapter weights do not fit this model (" + "; ".join(parts) + "). Was it trained on another "
         "base model, or with other target_modules?"
     )
+
+
+# ---------------------------------------------------------------------- peft's other save_and_load names
+def load_peft_weights(
+    model_id: str, device: Optional[str] = None, key_mapping: Optional[Mapping[str, str]] = None, **hf_hub_download_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter (local folder or hub repo), as peft's `load_peft_weights`.
+
+    `adapter_model.safetensors` is preferred over `adapter_model.bin` (read weights-only). `device`
+    defaults to the accelerator when there is one (as in peft), else "cpu". `key_mapping` (regex ->
+    replacement, first match per key) renames keys after their `base_model.model.` / `base_model.`
+    prefix is set aside. Other keywords are hub arguments (`subfolder`, `revision`, `token`, ...).
+    """
+    from .adapter_folder import read_adapter_weights
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = read_adapter_weights(model_id, device=str(device), **hf_hub_download_kwargs)
+    if not key_mapping:
+        return weights
+    remapped: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        prefix = next((p for p in (PEFT_MODEL_PREFIX, "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise CheckpointError(
+                f"load_peft_weights(key_mapping=...): key {key!r} does not start with 'base_model.'; "
+                "this is not a PeftModel state dict."
+            )
+        rest = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            renamed, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = renamed
+                break
+        remapped[prefix + rest] = value
+    return remapped
+
+
+from .base_state_dict import get_base_model_state_dict, set_base_model_state_dict  # noqa: E402  (re-export)

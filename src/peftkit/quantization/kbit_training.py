@@ -12,12 +12,15 @@ def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
+    auto_clear_cache: bool = True,
 ) -> nn.Module:
     """Ready a (quantized) model for adapter training, as peft's function of the same name does.
 
     1. Freeze every parameter (the adapters added afterwards are the only trainable ones).
     2. Upcast the remaining fp16/bf16 parameters (norms, embeddings, output head) to fp32 for
-       stable training; packed quantized weights are integers and stay as they are.
+       stable training; packed quantized weights are integers and stay as they are. Then, unless
+       `auto_clear_cache=False`, the accelerator's caching allocator is emptied (the fp16 copies it
+       still holds are freed; this matters where host and accelerator share memory), as in peft.
     3. With gradient checkpointing (reentrant by default, as in peft): make the input embeddings'
        output require grad, so checkpointed blocks get a gradient path although the base is frozen,
        then turn checkpointing on.
@@ -27,6 +30,8 @@ def prepare_model_for_kbit_training(
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.to(torch.float32)
+    if auto_clear_cache:
+        clear_accelerator_cache()
     if not use_gradient_checkpointing:
         return model
     gradient_checkpointing_kwargs = dict(gradient_checkpointing_kwargs or {})
@@ -50,3 +55,12 @@ def _make_inputs_require_grad(model: nn.Module) -> None:
         output.requires_grad_(True)
 
     embeddings.register_forward_hook(require_grad)
+
+
+def clear_accelerator_cache() -> None:
+    """Release the unused memory the CUDA / XPU caching allocators hold (nothing to do on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        xpu.empty_cache()

@@ -44,7 +44,7 @@ from ..utils.validation import (
     check_positive_number,
     check_rank,
 )
-from ._core.base_layers import base_of, is_linear_like, is_plain_linear, unobserved
+from ._core.base_layers import is_linear_like, is_plain_linear, unobserved, wraps
 from ._core.layer import BaseTunerLayer
 from ._core.matching import pattern_value
 from ._core.tuner import BaseTuner
@@ -420,16 +420,13 @@ def conv_fn(layer: LycorisLayer) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- tuner
+def _wrappable(base: nn.Module) -> bool:
+    return is_linear_like(base) or isinstance(base, (nn.Conv1d, nn.Conv2d))
+
+
 def lycoris_dispatcher(layer_cls: type[LycorisLayer]) -> Callable[..., Optional[LycorisLayer]]:
     """The dispatcher of a LyCORIS method: `layer_cls` for Linear, Conv1D, Conv1d, Conv2d and quantized linear bases."""
-
-    def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[LycorisLayer]:
-        base = base_of(target)
-        if is_linear_like(base) or isinstance(base, (nn.Conv1d, nn.Conv2d)):
-            return layer_cls(target, adapter_name, **kwargs)
-        return None
-
-    return dispatch
+    return wraps(_wrappable, layer_cls)
 
 
 class LycorisTuner(BaseTuner):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -23,6 +23,18 @@ def linear_features(base_layer: nn.Module) -> tuple[int, int]:
 def base_of(target: nn.Module) -> nn.Module:
     """The innermost layer of `target` (itself unless it is a tuner layer wrapping another)."""
     return target.get_base_layer() if hasattr(target, "get_base_layer") else target
+
+
+def wraps(accepts: Union[type, tuple[type, ...], Callable[[nn.Module], bool]], layer_cls: type) -> Callable[..., Any]:
+    """A dispatcher (see `BaseTuner.dispatchers`): `layer_cls(target, adapter_name, **kwargs)` when the
+    target's innermost layer is an instance of `accepts` (or passes the predicate `accepts`), else None."""
+    test = (lambda base: isinstance(base, accepts)) if isinstance(accepts, (type, tuple)) else accepts
+
+    def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+        return layer_cls(target, adapter_name, **kwargs) if test(base_of(target)) else None
+
+    dispatch.__name__ = dispatch.__qualname__ = f"dispatch_{layer_cls.__name__}"
+    return dispatch
 
 
 def is_linear_like(base: nn.Module) -> bool:

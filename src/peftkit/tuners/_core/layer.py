@@ -88,7 +88,7 @@ class BaseTunerLayer:
             for name, item in getattr(self, attr).items():
                 if wanted is not None and name not in wanted:
                     continue
-                if isinstance(item, nn.Parameter):
+                if isinstance(item, torch.Tensor):  # a ParameterDict entry (a plain Tensor under FSDP's use_orig_params)
                     yield item
                 else:
                     yield from item.parameters()
@@ -101,7 +101,7 @@ class BaseTunerLayer:
             if adapter_name not in container:
                 continue
             item = container[adapter_name]
-            if isinstance(item, nn.Parameter):
+            if isinstance(item, torch.Tensor):
                 state[f"{prefix}.{attr}"] = item
             else:
                 for param_name, tensor in item.state_dict(keep_vars=True).items():
@@ -109,12 +109,12 @@ class BaseTunerLayer:
         return state
 
     # ------------------------------------------------------------------ switching
-    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
-        """Make `adapter_names` the active adapters; only they require grad."""
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make `adapter_names` the active adapters; only they require grad (none with `inference_mode`)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for attr in self.adapter_layer_names:
             for name, item in getattr(self, attr).items():
-                item.requires_grad_(name in names)
+                item.requires_grad_(name in names and not inference_mode)
         self._active_adapter = names
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -165,11 +165,25 @@ class BaseTunerLayer:
         """Hook: drop what `fold` remembered for unfolding `adapter_name` (e.g. DoRA's factor)."""
 
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        """The adapters `merge` folds in: those named (default: the active ones) not merged yet.
+
+        As peft, on a layer with merged adapters: "All adapters are already merged, nothing to do."
+        when none is left, else a warning naming the merged and the additional ones.
+        """
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        already = [name for name in names if name in self.merged_adapters]
-        if already:
-            warnings.warn(f"Adapters {already} are already merged; merging them again is skipped.", stacklevel=3)
-        return [name for name in names if name not in self.merged_adapters and name in self.adapter_names()]
+        if self.merged:
+            names = [name for name in names if name not in self.merged_adapters]
+            if names:
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(names)}.",
+                    stacklevel=3,
+                )
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        return [name for name in names if name in self.adapter_names()]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold each adapter into the base layer, (W, b) <- fold(W, b), then store it once.
@@ -255,5 +269,6 @@ def _require_finite(adapter_name: str, weight: torch.Tensor, bias: Optional[torc
     """The one NaN/inf check of merging (`safe_merge=True`)."""
     if not all(t is None or bool(torch.isfinite(t).all()) for t in (weight, bias)):
         raise AdapterStateError(
-            f"Merging adapter {adapter_name!r} gives NaN/inf weights; the adapter is broken, so nothing was merged."
+            f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: "
+            f"merging {adapter_name!r} gives NaN/inf weights, so nothing was merged."
         )

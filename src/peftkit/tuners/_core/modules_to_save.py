@@ -12,6 +12,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ...errors import AdapterStateError
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds `original_module` and one trainable deep copy of it per adapter."""
@@ -33,8 +35,9 @@ class ModulesToSaveWrapper(nn.Module):
         self.set_adapter(self._active_adapter)
 
     @property
-    def active_adapter(self) -> str:
-        return self._active_adapter[0]
+    def active_adapter(self) -> Union[str, list[str]]:
+        """The active adapter's name, or `[]` when no active adapter has a copy here (as peft)."""
+        return self._active_adapter[0] if self._active_adapter else []
 
     @property
     def active_adapters(self) -> list[str]:
@@ -46,7 +49,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def _active_module(self) -> nn.Module:
         name = self.active_adapter
-        if self._disable_adapters or name not in self.modules_to_save:
+        if self._disable_adapters or not self._active_adapter or name not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[name]
 
@@ -72,12 +75,25 @@ class ModulesToSaveWrapper(nn.Module):
             output = output.index_copy(0, rows, part)
         return output
 
-    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
-        """Activate the copy of the (single) named adapter; only it trains."""
+    def check_set_adapter(self, adapter_names: Union[str, list[str]]) -> list[str]:
+        """The adapter this wrapper activates for `adapter_names`: the one of them it holds a copy of, or
+        none (`[]`: the original module runs); several may not share a wrapper (peft's rule and message)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        held = [name for name in names if name in self.modules_to_save]
+        if len(held) > 1:
+            raise AdapterStateError(
+                f"Only one adapter can be set at a time for {type(self).__name__}, got {len(held)}: {held} each "
+                "have a copy of this module, and copies are not additive. Activate them one at a time, or give "
+                "them different modules_to_save."
+            )
+        return held
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Activate the copy of the (single) named adapter; only it trains (none with `inference_mode`)."""
+        names = self.check_set_adapter(adapter_names)
         for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == names[0])
-        self._active_adapter = names[:1]
+            module.requires_grad_(name in names and not inference_mode)
+        self._active_adapter = names
 
     def enable_adapters(self, enabled: bool) -> None:
         if enabled:
@@ -101,4 +117,5 @@ class ModulesToSaveWrapper(nn.Module):
 
     def resolve(self, adapter_name: str) -> nn.Module:
         """The module to keep when unloading: the adapter's copy if it has one, else the original."""
-        return self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else self.original_module
+        held = isinstance(adapter_name, str) and adapter_name in self.modules_to_save
+        return self.modules_to_save[adapter_name] if held else self.original_module

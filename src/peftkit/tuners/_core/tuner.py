@@ -131,6 +131,20 @@ class BaseTuner(nn.Module):
         """Hook: checkpoint keys -> live tensors saved besides the adapter layers (e.g. biases)."""
         return {}
 
+    def accepted_checkpoint_tensors(self, adapter_name: str) -> dict[str, "torch.Tensor"]:
+        """Checkpoint keys -> live tensors loaded when a checkpoint has them, never required.
+
+        The model's biases (outside modules-to-save copies), under their module paths: peft loads
+        checkpoints with `load_state_dict(strict=False)`, so biases trained with `bias="all"` /
+        `"lora_only"` load even into a model whose config does not train them.
+        """
+        wrappers = [name for name, module in self.adapter_modules() if isinstance(module, ModulesToSaveWrapper)]
+        return {
+            name.replace("_fsdp_wrapped_module.", ""): param
+            for name, param in self.model.named_parameters()
+            if name.rpartition(".")[2] == "bias" and not any(name.startswith(w + ".") for w in wrappers)
+        }
+
     def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
         """Hook: regexes of keys that peft writes but that carry nothing this model needs."""
         return ()
@@ -309,6 +323,8 @@ class BaseTuner(nn.Module):
     def _mark_only_adapters_as_trainable(self) -> None:
         """Freeze everything, then unfreeze the active adapters (unless in inference mode)."""
         self.model.requires_grad_(False)
+        if getattr(self, "_active_inference_mode", False):
+            return  # set_adapter(..., inference_mode=True)
         for name in self.active_adapters:
             config = self.peft_config.get(name)
             if config is None or config.inference_mode:
@@ -322,24 +338,37 @@ class BaseTuner(nn.Module):
             self._mark_extra_trainable(config)
 
     # ------------------------------------------------------------------ switching
-    def _check_adapter_exists(self, adapter_names: list[str]) -> None:
+    def _check_adapter_exists(self, adapter_names: list[str], missing_phrase: str = "does not exist") -> None:
+        """Refuse unknown names; the message starts as peft's ("Adapter X does not exist", "Adapter X not found.")."""
         missing = [name for name in adapter_names if name not in self.peft_config]
         if missing:
             raise AdapterNameError(
-                f"Unknown adapter(s) {missing}; this model has {sorted(self.peft_config)}. "
-                "Load or add the adapter first."
+                f"Adapter {', '.join(map(str, missing))} {missing_phrase}. Unknown adapter(s) {missing}; "
+                f"this model has {sorted(self.peft_config)}. Load or add the adapter first."
             )
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        """Make `adapter_name` (one name or several) the active adapter(s)."""
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make `adapter_name` (one name or several) the active adapter(s).
+
+        They train unless `inference_mode=True` (peft's argument) or their config has `inference_mode`
+        set (e.g. loaded with `is_trainable=False`); `inference_mode=True` keeps them frozen until the
+        next `set_adapter`.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self._check_adapter_exists(names)
+        self._check_adapter_exists(names, "not found")
+        for _, module in self.adapter_modules():  # refuse before changing anything
+            if isinstance(module, ModulesToSaveWrapper):
+                module.check_set_adapter(names)
+        warned = False
         for _, module in self.adapter_modules():
             if isinstance(module, BaseTunerLayer) and module.merged:
-                warnings.warn("Adapters were merged; unmerging them before switching.", stacklevel=2)
+                if not warned:
+                    warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+                    warned = True
                 module.unmerge()
-            module.set_adapter(names)
+            module.set_adapter(names, inference_mode=inference_mode)
         self.active_adapter = names[0] if len(names) == 1 else names
+        self._active_inference_mode = bool(inference_mode)
         self._mark_only_adapters_as_trainable()
 
     def _set_adapter_layers(self, enabled: bool) -> None:
@@ -352,19 +381,44 @@ class BaseTuner(nn.Module):
         self._set_adapter_layers(True)
 
     def disable_adapter_layers(self) -> None:
+        """Turn every adapter off (the base model's output); warns, as peft, when biases are trained."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption.",
+                    stacklevel=2,
+                )
         self._set_adapter_layers(False)
+
+    def _enabled_flags(self) -> list[bool]:
+        """Per adapter layer / modules-to-save wrapper: whether its adapters are enabled."""
+        return [not module.disable_adapters for _, module in self.adapter_modules()]
 
     @contextmanager
     def _adapters_disabled(self) -> Iterator[None]:
+        """`PeftModel.disable_adapter()`: off inside; on exit each layer is enabled again unless all were
+        disabled before (peft's rule). A mix of enabled and disabled layers warns and ends all enabled."""
+        flags = self._enabled_flags()
+        if True in flags and False in flags:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. "
+                "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                "will be enabled",
+                stacklevel=3,
+            )
+        all_disabled = bool(flags) and not any(flags)
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            if not all_disabled:
+                self.enable_adapter_layers()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; if it was active, the first remaining adapter becomes active."""
-        self._check_adapter_exists([adapter_name])
+        self._check_adapter_exists([adapter_name], "does not exist")
         del self.peft_config[adapter_name]
         self._remove_adapter_from_layers(adapter_name)
         remaining = [name for name in self.active_adapters if name != adapter_name]
@@ -372,7 +426,7 @@ class BaseTuner(nn.Module):
             remaining = [next(iter(self.peft_config))]
             warnings.warn(f"Deleted the active adapter; {remaining[0]!r} is active now.", stacklevel=2)
         if remaining:
-            self.set_adapter(remaining)
+            self.set_adapter(remaining, inference_mode=getattr(self, "_active_inference_mode", False))
         else:
             self.active_adapter = []
 
@@ -424,6 +478,9 @@ class BaseTuner(nn.Module):
             elif module.merged:
                 module.unmerge()
             replace_module(parent, name, module.base_layer)
+        # As peft: no adapter is left, so neither is the configs' attribute on the returned model.
+        if "peft_config" in vars(self.model):
+            del self.model.peft_config
         return self.model
 
     def _require_unmerged(self, action: str) -> None:

@@ -67,18 +67,23 @@ class PromptLearningModel(BaseTuner):
         if "prompt_encoder" not in self._modules:
             return
         self.prompt_encoder.requires_grad_(False)
+        if getattr(self, "_active_inference_mode", False):
+            return
         for name in self.active_adapters:
             if name in self.prompt_encoder and not self.peft_config[name].inference_mode:
                 self.prompt_encoder[name].requires_grad_(True)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         if not isinstance(adapter_name, str) and len(adapter_name) != 1:
             raise ConfigError(f"Prompt learning uses one adapter at a time; got {adapter_name!r}. Pass one name.")
-        super().set_adapter(adapter_name)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         super()._set_adapter_layers(enabled)
         self._prompts_enabled = enabled
+
+    def _enabled_flags(self) -> list[bool]:
+        return [*super()._enabled_flags(), getattr(self, "_prompts_enabled", True)]
 
     def _check_merge_allowed(self) -> None:
         raise AdapterStateError("Prompt-learning adapters add virtual tokens, not weight deltas; they cannot be merged.")

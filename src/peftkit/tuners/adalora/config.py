@@ -61,6 +61,8 @@ class AdaLoraConfig(LoraConfig):
         # Checked before the generic "unsupported field" check so the message names AdaLoRA.
         if self.use_dora:
             raise ConfigError("AdaLoRA does not support DoRA; set use_dora=False or use LoraConfig.")
+        if self.lora_bias:  # peft ignores it for AdaLoRA; refused here rather than silently dropped
+            raise ConfigError("AdaLoRA does not support lora_bias=True; set lora_bias=False or use LoraConfig.")
         if self.loftq_config:
             raise ConfigError("AdaLoRA does not support LoftQ; leave loftq_config empty or use LoraConfig.")
         # LoraConfig.__post_init__ is skipped on purpose: it fixes peft_type to LORA and checks
@@ -73,7 +75,7 @@ class AdaLoraConfig(LoraConfig):
         self.exclude_modules = as_name_set(self.exclude_modules)
         check_layer_selection(self)
         check_dropout(self.lora_dropout, "lora_dropout")
-        if self.bias not in ("none", "all", "lora_only"):
+        if self.bias not in ("none", "all", "lora_only", "adalora_only"):  # peft: any "<method>_only" is "lora_only"
             raise ConfigError(f"bias={self.bias!r} is not valid; use 'none', 'all' or 'lora_only'.")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]

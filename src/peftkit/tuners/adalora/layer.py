@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from .._core.base_layers import base_of, is_linear_like, is_transposed, linear_features, refuse_grouped_conv
+from .._core.base_layers import base_of, is_linear_like, is_transposed, linear_features, refuse_grouped_conv, wraps
 from .._core.layer import BaseTunerLayer
 
 # Added to `ranknum` before dividing, exactly as peft does (so outputs match to the last bit).
@@ -179,13 +179,6 @@ class SVDConv2d(AdaLoraLayer, nn.Module):
 
 
 # ---------------------------------------------------------------------- dispatchers (AdaLoraModel.dispatchers)
-def dispatch_linear(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    """Linear, Conv1D and quantized linear bases (peftkit's or bitsandbytes')."""
-    return SVDLinear(target, adapter_name, **kwargs) if is_linear_like(target) else None
-
-
-def dispatch_conv2d(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    return SVDConv2d(target, adapter_name, **kwargs) if isinstance(target, nn.Conv2d) else None
-
-
+dispatch_linear = wraps(is_linear_like, SVDLinear)  # Linear, Conv1D and quantized linear bases
+dispatch_conv2d = wraps(nn.Conv2d, SVDConv2d)
 SUPPORTED_LAYERS = "torch.nn.Linear, torch.nn.Conv2d, transformers' Conv1D and quantized linear layers"

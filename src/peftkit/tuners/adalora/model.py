@@ -86,7 +86,7 @@ class AdaLoraModel(LoraModel):
             )
 
     def _bias_parameters(self, config: AdaLoraConfig) -> dict[str, nn.Parameter]:
-        if config.bias != "lora_only":
+        if config.bias not in ("lora_only", "adalora_only"):
             return super()._bias_parameters(config)
         return {
             f"{name}.base_layer.bias": layer.base_layer.bias

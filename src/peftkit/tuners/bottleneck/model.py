@@ -117,9 +117,9 @@ class BottleneckModel(BaseTuner):
         names = super().active_adapters
         return Average(*names) if self._composition == "average" else names
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         """Activate one adapter, several in order (a list or `Stack`), or several averaged (`Average`)."""
-        super().set_adapter(adapter_name)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._composition = "average" if isinstance(adapter_name, Average) else "stack"
         for _, layer in self.tuner_layers():
             layer.composition = self._composition

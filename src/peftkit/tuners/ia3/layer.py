@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._core.base_layers import base_of, is_linear_like, is_plain_linear, unobserved
+from .._core.base_layers import is_linear_like, is_plain_linear, unobserved, wraps
 from .._core.layer import BaseTunerLayer
 from .fused import IA3LinearFunction, can_fold
 
@@ -204,13 +204,6 @@ class Conv(IA3Layer):
 
 
 # ---------------------------------------------------------------------- dispatchers (IA3Model.dispatchers)
-def dispatch_linear(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[IA3Layer]:
-    """Linear, Conv1D and quantized linear bases (peftkit's or bitsandbytes')."""
-    return Linear(target, adapter_name, **kwargs) if is_linear_like(base_of(target)) else None
-
-
-def dispatch_conv(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[IA3Layer]:
-    return Conv(target, adapter_name, **kwargs) if isinstance(base_of(target), (nn.Conv2d, nn.Conv3d)) else None
-
-
+dispatch_linear = wraps(is_linear_like, Linear)  # Linear, Conv1D and quantized linear bases
+dispatch_conv = wraps((nn.Conv2d, nn.Conv3d), Conv)
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d/3d and quantized linear layers"

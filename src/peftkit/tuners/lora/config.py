@@ -22,7 +22,7 @@ from ...utils.validation import (
 from ...utils.peft_types import PeftType
 from .init import is_valid_base_weight_init
 
-_INIT_CHOICES = (True, False, "gaussian")
+_INIT_CHOICES = (True, False, "gaussian", "orthogonal")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class LoraConfig(PeftConfig):
         use_rslora: Rank-stabilised scaling `lora_alpha / sqrt(r)`.
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier).
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
-            False (random A and B; the adapter is not a no-op -- for tests), or "pissa" /
+            False (random A and B; the adapter is not a no-op -- for tests), "orthogonal" (peft's:
+            A and B from one random orthogonal matrix, B A != 0; Linear layers, even r), or "pissa" /
             "pissa_niter_<N>" / "olora", which take A and B from the base weight and MODIFY the base
             weight in place (W becomes W - scaling B A; see `init.py` and the README).
         use_dora: Weight-decomposed LoRA: a trained magnitude per output channel (see `dora.py`).
@@ -98,7 +99,6 @@ class LoraConfig(PeftConfig):
         "use_qalora": False,
         "monteclora_config": None,
         "layer_replication": None,
-        "lora_bias": False,
         "target_parameters": None,
         "use_bdlora": None,
         "arrow_config": None,
@@ -131,8 +131,17 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in _INIT_CHOICES and not is_valid_base_weight_init(self.init_lora_weights):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
-                "'pissa', 'pissa_niter_<N>' or 'olora'."
+                "'orthogonal', 'pissa', 'pissa_niter_<N>' or 'olora'."
             )
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False.")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(
+                "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={self.init_lora_weights!r} instead."
+            )
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and is_valid_base_weight_init(self.init_lora_weights):
             warnings.warn(
                 "With use_rslora and rank_pattern/alpha_pattern, a PiSSA/OLoRA adapter cannot be converted to plain "

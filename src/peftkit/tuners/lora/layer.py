@@ -29,6 +29,7 @@ how A, B -- and the base weight -- are initialised.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -43,8 +44,8 @@ from .._core.base_layers import (
     is_plain_linear,
     is_transposed,
     linear_features,
-    refuse_grouped_conv,
     unobserved,
+    wraps,
 )
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
@@ -60,9 +61,11 @@ class LoraLayer(BaseTunerLayer):
     """What every LoRA layer shares: per-adapter rank, alpha, scaling, dropout and init."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "merge_factors")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "merge_factors", "lora_bias")
     #: Whether `lora_dropout` acts on this layer's input (not on the token ids of an embedding).
     drops_input: ClassVar[bool] = True
+    #: Whether B may carry a bias (`lora_bias=True`, peft's option): B is a module with a bias here.
+    supports_lora_bias: ClassVar[bool] = True
 
     def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
@@ -80,6 +83,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_variant: dict[str, DoraVariant] = {}
         # Per merged variant adapter, what unmerging needs again (DoRA: its factor m / ||W + dW||).
         self.merge_factors: dict[str, torch.Tensor] = {}
+        # Per adapter: whether B has a bias b_B, so that the update is scaling * (B A x + b_B).
+        self.lora_bias: dict[str, bool] = {}
         # Set for one call by `LoraModel.mixed_batch`: the adapter of each batch row.
         self.batch_adapter_names: Optional[tuple[str, ...]] = None
 
@@ -95,12 +100,24 @@ class LoraLayer(BaseTunerLayer):
         init_lora_weights: InitChoice = True,
         use_rslora: bool = False,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Add (or replace) adapter `adapter_name` on this layer.
 
         "pissa" / "pissa_niter_N" / "olora" inits also rewrite the base weight (see `init.py`).
+        `lora_bias`: B gets a bias (zero at init), so the update is `scaling * (B A x + b_B)`;
+        merging adds `scaling * b_B` to the base bias.
         """
         check_rank(r, "r")
+        if lora_bias and not self.supports_lora_bias:
+            raise ConfigError(f"lora_bias=True is not supported for {type(self).__name__} layers; exclude this module.")
+        if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                "has no bias. This means that merging LoRA weights won't be possible.",
+                stacklevel=6,
+            )
+        self.lora_bias[adapter_name] = bool(lora_bias)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -136,6 +153,9 @@ class LoraLayer(BaseTunerLayer):
         """
         if init_lora_weights is False:
             return
+        if init_lora_weights == "orthogonal":
+            self._orthogonal_init(adapter_name)
+            return
         if adapter_name in self.lora_A:
             weight_a = self.lora_A[adapter_name].weight
             if init_lora_weights == "gaussian":
@@ -143,9 +163,30 @@ class LoraLayer(BaseTunerLayer):
             else:
                 nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if self.lora_B[adapter_name].bias is not None:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
         if adapter_name in self.lora_embedding_A:
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _orthogonal_init(self, adapter_name: str) -> None:
+        """peft's "orthogonal" init (Linear layers): A and B from the odd and even rows of one random
+        orthogonal r x r matrix, scaled by 1/10. B A is not zero, so unlike the default init the new
+        adapter changes the output from the start (as in peft)."""
+        rank = self.r[adapter_name]
+        if not isinstance(self, Linear):
+            raise ConfigError(
+                f"init_lora_weights='orthogonal' works on Linear layers only, not on {type(self.get_base_layer()).__name__}; "
+                "exclude this module via exclude_modules."
+            )
+        if rank % 2:
+            raise ConfigError(f"Orthogonal initialization requires the LoRA rank to be even, got {rank} instead.")
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(rank, rank))
+            weight_a = (torch.randn(self.in_features, rank // 2) @ q[0::2, :]).T / 10.0
+            weight_b = torch.randn(rank // 2, self.out_features).T @ q[1::2, :] / 10.0
+            self.lora_A[adapter_name].weight.copy_(weight_a)
+            self.lora_B[adapter_name].weight.copy_(weight_b)
 
     def adapter_state(self, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
         """As the base class, but DoRA's magnitude is saved as `<prefix>.lora_magnitude_vector` (peft's key)."""
@@ -234,7 +275,8 @@ class LoraLayer(BaseTunerLayer):
         """W + scaling * B A, or DoRA's `W + (f - 1) W0 + f s B A` (remembering f for `unfold`)."""
         variant = self.lora_variant.get(adapter_name)
         if variant is None:
-            return super().fold(adapter_name, weight, bias)
+            weight, _ = super().fold(adapter_name, weight, bias)
+            return weight, self._bias_moved(adapter_name, bias, +1)
         factor = variant.merge_factor(self, adapter_name, weight)
         self.merge_factors[adapter_name] = factor
         return weight + variant.merged_delta(self, adapter_name, factor, weight).to(weight.dtype), bias
@@ -244,12 +286,25 @@ class LoraLayer(BaseTunerLayer):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         factor = self.merge_factors.get(adapter_name)
         if factor is None:
-            return super().unfold(adapter_name, weight, bias)
+            weight, _ = super().unfold(adapter_name, weight, bias)
+            return weight, self._bias_moved(adapter_name, bias, -1)
         delta = self.lora_variant[adapter_name].merged_delta(self, adapter_name, factor, weight)
         return weight - delta.to(weight.dtype), bias
 
     def _forget_merge(self, adapter_name: str) -> None:
         self.merge_factors.pop(adapter_name, None)
+
+    def _bias_moved(self, adapter_name: str, bias: Optional[torch.Tensor], sign: int) -> Optional[torch.Tensor]:
+        """The base bias plus (sign +1) or minus (-1) `scaling * b_B` of a `lora_bias` adapter."""
+        if not self.lora_bias.get(adapter_name):
+            return bias
+        if bias is None:
+            raise RuntimeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias; "
+                "keep the adapter unmerged on this layer."
+            )
+        lora_bias = self.lora_B[adapter_name].bias.detach() * self.scaling[adapter_name]
+        return bias + sign * lora_bias.to(bias.dtype)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -270,7 +325,7 @@ class Linear(LoraLayer, nn.Module):
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=self.lora_bias.get(adapter_name, False))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """As `LoraLayer.forward`; one plain adapter on a plain base runs as one fused function."""
@@ -308,6 +363,8 @@ class Linear(LoraLayer, nn.Module):
         return name if len(dtypes) == 1 and (base.bias is None or base.bias.dtype == x.dtype) else None
 
     def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.lora_bias.values()):  # the batched form stacks B's weights only
+            return super()._mixed_batch_delta(x)
         return linear_delta(self, x, self.batch_adapter_names)
 
     def rescaled_low_rank_output(self, x: torch.Tensor, adapter_name: str, channel_scale: torch.Tensor) -> torch.Tensor:
@@ -371,6 +428,7 @@ class Embedding(LoraLayer, nn.Module):
     """LoRA on `nn.Embedding`: the update is a low-rank table `(B A)^T` looked up by token id."""
 
     drops_input = False
+    supports_lora_bias = False  # A and B are bare tables, as in peft
 
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, **lora_kwargs: Any):
         super().__init__()
@@ -415,23 +473,45 @@ class Embedding(LoraLayer, nn.Module):
 
 
 class Conv(LoraLayer, nn.Module):
-    """LoRA on `nn.Conv1d/2d/3d`: A is a conv with the base kernel, B a 1x1 conv."""
+    """LoRA on `nn.Conv1d/2d/3d`: A is a conv with the base kernel, B a 1x1 conv.
+
+    On a grouped base (groups = G > 1) B is grouped too, as in peft: A maps all inputs to r channels,
+    B maps r / G of them to each group's outputs (so r must be a multiple of G). The update is then
+    no longer one weight of the base's shape, so such adapters cannot be merged.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **lora_kwargs: Any):
         super().__init__()
-        refuse_grouped_conv(base_layer, "LoRA")
         self._init_lora_layer(base_layer, base_layer.in_channels, base_layer.out_channels)
+        if base_layer.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.", stacklevel=6)
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **lora_kwargs)
 
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, use_dora: bool = False, **kwargs: Any) -> None:
+        groups = self.get_base_layer().groups
+        if use_dora and groups > 1:
+            raise ConfigError(
+                f"DoRA (use_dora=True) does not support grouped convolutions (groups={groups}); use plain LoRA "
+                "there, or exclude this module via exclude_modules."
+            )
+        super().update_layer(adapter_name, r, lora_alpha, use_dora=use_dora, **kwargs)
+
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         base = self.get_base_layer()
+        if r % base.groups:
+            raise ConfigError(
+                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}: LoRA on a grouped "
+                "convolution needs a rank divisible by groups. Choose another r (or rank_pattern entry), "
+                "or exclude this module via exclude_modules."
+            )
         conv_cls = type(base)
         ones = (1,) * len(base.kernel_size)
         self.lora_A[adapter_name] = conv_cls(
             self.in_features, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
         )
-        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=False)
+        bias = self.lora_bias.get(adapter_name, False)
+        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, groups=base.groups, bias=bias)
 
     def dora_channel_shape(self) -> tuple[int, ...]:
         # (1, out, 1, ...) as peft stores it, which also broadcasts against the (N, out, ...) output.
@@ -443,6 +523,12 @@ class Conv(LoraLayer, nn.Module):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta_W[o, i, k] = scaling * sum_r B[o, r] A[r, i, k] (B is 1x1, so it is a matmul)."""
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            raise NotImplementedError(
+                f"Merging is not supported for _ConvNd layers with groups > 1 (groups={groups}): a LoRA update "
+                "on a grouped convolution is not a weight of the base's shape. Keep the PeftModel, or unload()."
+            )
         weight_a = self.lora_A[adapter_name].weight
         weight_b = self.lora_B[adapter_name].weight
         delta = weight_b.flatten(1) @ weight_a.flatten(1)
@@ -450,19 +536,9 @@ class Conv(LoraLayer, nn.Module):
 
 
 # ---------------------------------------------------------------------- dispatchers (LoraModel.dispatchers)
-def dispatch_embedding(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    return Embedding(target, adapter_name, **kwargs) if isinstance(target, nn.Embedding) else None
-
-
-def dispatch_conv(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    return Conv(target, adapter_name, **kwargs) if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None
-
-
-def dispatch_linear(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    """Linear, Conv1D and quantized linear bases (peftkit's or bitsandbytes')."""
-    return Linear(target, adapter_name, **kwargs) if is_linear_like(target) else None
-
-
+dispatch_embedding = wraps(nn.Embedding, Embedding)
+dispatch_conv = wraps((nn.Conv1d, nn.Conv2d, nn.Conv3d), Conv)
+dispatch_linear = wraps(is_linear_like, Linear)  # Linear, Conv1D and quantized linear bases
 SUPPORTED_LAYERS = (
     "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers' Conv1D and quantized linear layers"
 )

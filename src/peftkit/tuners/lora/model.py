@@ -44,6 +44,7 @@ class LoraModel(BaseTuner):
             "init_lora_weights": config.init_lora_weights,
             "use_rslora": config.use_rslora,
             "use_dora": config.use_dora,
+            "lora_bias": config.lora_bias,
         }
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
@@ -73,7 +74,7 @@ class LoraModel(BaseTuner):
             }
         wrappers = [name for name, module in self.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
         return {
-            name: param
+            name.replace("_fsdp_wrapped_module.", ""): param  # checkpoint keys have no FSDP1 segments
             for name, param in self.model.named_parameters()
             if name.endswith("bias") and not any(name.startswith(w + ".") for w in wrappers)
         }

@@ -42,6 +42,12 @@ def _plan(tuner: "LoraModel", adapters: list[str], weights: list[float], combina
     for wrapper in (m for m in tuner.model.modules() if isinstance(m, ModulesToSaveWrapper)):
         if sum(name in wrapper.modules_to_save for name in adapters) > 1:
             raise ConfigError("Cannot combine adapters that each train the same module in full (modules_to_save).")
+    with_bias = [name for name in adapters if tuner.peft_config[name].lora_bias]
+    if with_bias:
+        raise ConfigError(
+            f"Cannot combine adapters {with_bias} with lora_bias=True: the combination covers the A/B factors, "
+            "not B's bias, so the result would silently drop it. Combine adapters without lora_bias."
+        )
     combination = "linear" if len(adapters) == 1 else combination_type
     ranks = [_max_rank(tuner.peft_config[name]) for name in adapters]
     if combination in FACTOR_COMBINATIONS:
