@@ -25,6 +25,7 @@ from peftkit import (
     set_peft_model_state_dict,
 )
 from peftkit.tuners._core.layer import BaseTunerLayer
+from tests.tiny_models import llama
 
 
 class MLP(nn.Module):
@@ -329,3 +330,54 @@ def test_modules_to_save_of_an_inactive_adapter_is_not_active():
     model.set_adapter("default")
     assert wrapper.active_adapters == [] and not wrapper.modules_to_save["other"].weight.requires_grad
     assert model.merge_and_unload().layers[0].lin1 is wrapper.original_module
+
+
+# ---------------------------------------------------------------------------------------------- deleting merged adapters
+def test_deleting_a_merged_adapter_is_refused_and_deleting_another_keeps_the_merge():
+    """As peft: a merged adapter cannot be deleted (nothing changes); deleting an unmerged one keeps the merge."""
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(llama(), config, adapter_name="adapter0")
+    model.add_adapter("adapter1", config)
+    model.set_adapter("adapter1")
+    model.merge_adapter()
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    merged = [list(layer.merged_adapters) for layer in layers]
+    available = [set(layer._all_available_adapter_names()) for layer in layers]
+    assert all(names == {"adapter0", "adapter1"} for names in available)
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['adapter1'\] while they are merged"):
+        model.delete_adapter("adapter1")
+    assert set(model.peft_config) == {"adapter0", "adapter1"}
+    assert [list(layer.merged_adapters) for layer in layers] == merged
+    assert [set(layer._all_available_adapter_names()) for layer in layers] == available
+    model.delete_adapter("adapter0")
+    assert set(model.peft_config) == {"adapter1"}
+    assert [list(layer.merged_adapters) for layer in layers] == merged  # still merged
+    model.unmerge_adapter()
+    model.delete_adapter("adapter1")
+    assert not model.peft_config
+
+
+# ---------------------------------------------------------------------------------------------- peft's phrases
+def test_errors_and_warnings_carry_peft_phrases():
+    """Code written for peft matches on these texts and classes."""
+    from peftkit import PeftWarning
+
+    model = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    inputs = {"input_ids": torch.tensor([[3, 4, 5], [6, 7, 8]])}
+    with pytest.raises(ValueError, match=r"Length of `adapter_names` should be the same as the number of inputs, but got 3 and 2"):
+        model(**inputs, adapter_names=["default"] * 3)
+    with pytest.raises(ValueError, match=r"Trying to infer with non-existing adapter\(s\): nope"):
+        model(**inputs, adapter_names=["default", "nope"])
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"Cannot pass `adapter_names` when there are merged adapters"):
+        model(**inputs, adapter_names=["default", "default"])
+    model.unmerge_adapter()
+    with pytest.raises(ValueError, match=r"Adapter with name 'default' already exists"):
+        model.add_adapter("default", LoraConfig(target_modules=["q_proj"]))
+    dora = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match=r"Cannot pass `adapter_names` when DoRA is enabled"):
+        dora(**inputs, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match=r"Please specify `target_modules` in `peft_config`"):
+        get_peft_model(MLP(), LoraConfig())
+    with pytest.warns(PeftWarning, match="has no bias"):
+        get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], lora_bias=True))

@@ -198,7 +198,7 @@ def test_unknown_adapter_and_redundant_operations():
     model = get_peft_model(llama(), lora(target_modules=["q_proj"]))
     with pytest.raises(AdapterNameError, match="Unknown adapter"):
         model.set_adapter("nope")
-    with pytest.raises(AdapterNameError, match="exists already"):
+    with pytest.raises(AdapterNameError, match="already exists"):
         model.add_adapter("default", lora(target_modules=["q_proj"]))
     with pytest.warns(UserWarning, match="Already unmerged"):
         model.unmerge_adapter()

@@ -81,6 +81,15 @@ class BaseTunerLayer:
             names.update(dict.fromkeys(getattr(self, attr).keys()))
         return list(names)
 
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter name any of this layer's per-adapter containers holds (peft's name for it)."""
+        names: dict[str, None] = {}
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if hasattr(container, "keys"):
+                names.update(dict.fromkeys(container.keys()))
+        return list(names)
+
     def adapter_params(self, adapter_names: Optional[Iterable[str]] = None) -> Iterator[nn.Parameter]:
         """The trainable tensors of the given adapters (all adapters when None)."""
         wanted = None if adapter_names is None else set(adapter_names)

@@ -18,6 +18,9 @@ from ...errors import AdapterStateError
 class ModulesToSaveWrapper(nn.Module):
     """Holds `original_module` and one trainable deep copy of it per adapter."""
 
+    #: As a tuner layer's: the attributes holding per-adapter tensors (peft's name).
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module_to_save

@@ -195,6 +195,7 @@ class BaseTuner(nn.Module):
             model_type = self._model_type()
             if model_type not in self.default_target_modules:
                 raise ConfigError(
+                    "Please specify `target_modules` in `peft_config`: "
                     f"target_modules is not set and peftkit has no default for model type {model_type!r}; "
                     "pass target_modules=[...] (module names), a regex, or 'all-linear'."
                 )
@@ -228,7 +229,7 @@ class BaseTuner(nn.Module):
         """
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise AdapterNameError(f"An adapter named {adapter_name!r} exists already; pick another name.")
+            raise AdapterNameError(f"Adapter with name '{adapter_name}' already exists; pick another name.")
         config = self._prepare_adapter_config(config)
         self._check_new_adapter_config(config)
         self.peft_config[adapter_name] = config
@@ -417,10 +418,20 @@ class BaseTuner(nn.Module):
                 self.enable_adapter_layers()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter; if it was active, the first remaining adapter becomes active."""
+        """Remove an adapter; if it was active, the first remaining adapter becomes active.
+
+        A merged adapter is refused (as in peft) before anything changes; adapters merged besides
+        the deleted one stay merged.
+        """
         self._check_adapter_exists([adapter_name], "does not exist")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.tuner_layers()):
+            raise AdapterStateError(
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first."
+            )
         del self.peft_config[adapter_name]
         self._remove_adapter_from_layers(adapter_name)
+        if adapter_name not in self.active_adapters:
+            return  # the active adapters (and anything merged) stay as they are
         remaining = [name for name in self.active_adapters if name != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]

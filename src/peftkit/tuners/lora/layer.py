@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, PeftWarning
 from ...quantization.weights import is_quantized, read_weight
 from .._core.base_layers import (
     base_of,
@@ -115,6 +115,7 @@ class LoraLayer(BaseTunerLayer):
             warnings.warn(
                 f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
                 "has no bias. This means that merging LoRA weights won't be possible.",
+                PeftWarning,
                 stacklevel=6,
             )
         self.lora_bias[adapter_name] = bool(lora_bias)

@@ -28,7 +28,9 @@ def expand_to_batch(names: Sequence[str], batch: int) -> tuple[str, ...]:
     """One name per row; rows repeated by generate (beams, num_return_sequences) repeat the name."""
     if batch % len(names):
         raise AdapterStateError(
-            f"adapter_names has {len(names)} entries but the batch has {batch} rows; pass one name per row."
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(names)} and {batch} respectively (or a divisor of the rows, for generate's repeated rows); "
+            "pass one name per row."
         )
     repeat = batch // len(names)
     if repeat == 1 and isinstance(names, tuple):
@@ -161,5 +163,6 @@ def check_names(names: Sequence[str], known: Sequence[str]) -> None:
     unknown = sorted({name for name in names if name != BASE_ADAPTER_NAME and name not in known})
     if unknown:
         raise AdapterNameError(
-            f"adapter_names lists unknown adapters {unknown}; known: {sorted(known)} (or {BASE_ADAPTER_NAME!r} for none)."
+            f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. adapter_names lists unknown "
+            f"adapters {unknown}; known: {sorted(known)} (or {BASE_ADAPTER_NAME!r} for none)."
         )

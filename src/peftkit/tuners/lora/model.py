@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import AdapterStateError, ConfigError
 from .._core.matching import pattern_value
 from .._core.modules_to_save import ModulesToSaveWrapper
 from .._core.tuner import BaseTuner
@@ -112,9 +112,15 @@ class LoraModel(BaseTuner):
         `mixed_batch.py`). Merged adapters and DoRA cannot be mixed this way.
         """
         check_names(adapter_names, list(self.peft_config))
-        self._require_unmerged("run a mixed-adapter batch")
+        if any(layer.merged for _, layer in self.tuner_layers()):
+            raise AdapterStateError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         if any(getattr(self.peft_config[n], "use_dora", False) for n in set(adapter_names) & set(self.peft_config)):
-            raise ConfigError("Mixed-adapter batches do not support DoRA adapters; run them one adapter at a time.")
+            raise ConfigError(
+                "Cannot pass `adapter_names` when DoRA is enabled. Mixed-adapter batches do not support DoRA "
+                "adapters; run them one adapter at a time."
+            )
         modules = [module for _, module in self.adapter_modules()]
         names = tuple(adapter_names)  # one immutable copy shared by every layer (their caches key on it)
         for module in modules:
