@@ -79,6 +79,26 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _existing_tags(text: str) -> list:
+    """The `tags` of a card's YAML front matter, read from the text itself.
+
+    Not from `ModelCard(text).data`: huggingface_hub before 1.40 or so turns `tags: mine` into
+    `["m", "i", "n", "e"]` there.
+    """
+    import yaml
+
+    if not text.startswith("---"):
+        return []
+    head, sep, _ = text[3:].partition("\n---")
+    if not sep:
+        return []
+    try:
+        data = yaml.safe_load(head)
+    except yaml.YAMLError:
+        return []
+    return _as_list(data.get("tags")) if isinstance(data, dict) else []
+
+
 def _new_card() -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -97,7 +117,8 @@ def model_card_text(info: ModelCardInfo, existing: Optional[str] = None) -> str:
     card = ModelCard(existing) if existing is not None else _new_card()
     card.data["library_name"] = "peft"
     if info.tags:
-        card.data["tags"] = sorted(set(_as_list(card.data.get("tags"))) | set(info.tags))
+        before = _existing_tags(existing) if existing is not None else _as_list(card.data.get("tags"))
+        card.data["tags"] = sorted(set(map(str, before)) | set(info.tags))
     if not card.data.get("pipeline_tag") and info.pipeline_tag:
         card.data["pipeline_tag"] = info.pipeline_tag
     if info.base_model is not None:
