@@ -147,8 +147,40 @@ def test_grouped_conv_refuses_merging_and_bad_ranks():
     assert not layer.merged and torch.equal(layer.base_layer.weight, before)
     with pytest.raises(ValueError, match="groups=2 and rank 3.*divisible by groups"):
         inject_adapter_in_model(LoraConfig(r=3, target_modules=["0"]), _grouped_model())
-    with pytest.raises(ValueError, match="DoRA.*grouped convolutions"):
-        inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], use_dora=True), _grouped_model())
+
+
+def test_dora_on_grouped_conv_matches_peft_both_ways(tmp_path):
+    """DoRA on a grouped conv: peft's normaliser (B A reshaped to the kernel), same outputs in both
+    libraries, a fresh adapter equal to plain LoRA, and merging refused with the layer unchanged."""
+    import peft
+
+    x = torch.randn(2, 4, 9, 9)
+    config = dict(r=4, target_modules=["0"], init_lora_weights=False, use_dora=True)
+    with pytest.warns(UserWarning, match="groups > 1"):
+        theirs = peft.get_peft_model(_grouped_model(), peft.LoraConfig(**config))
+    with torch.no_grad():  # a magnitude that is not the initial norm, so the factor is not 1
+        theirs.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(1.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.warns(UserWarning, match="groups > 1"):
+        ours = PeftModel.from_pretrained(_grouped_model(), tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_grouped_model(), tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.allclose(back(x), ours(x), atol=1e-5)
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning):
+        fresh = get_peft_model(_grouped_model(), LoraConfig(**config))
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning):
+        plain = get_peft_model(_grouped_model(), LoraConfig(**{**config, "use_dora": False}))
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), plain(x), atol=1e-5)  # m starts at the norm: f = 1
+    before = fresh.base_model.model[0].base_layer.weight.detach().clone()
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        fresh.merge_adapter()
+    assert torch.equal(fresh.base_model.model[0].base_layer.weight, before)
 
 
 def test_low_precision_base_keeps_fp32_adapter_and_output_dtype():

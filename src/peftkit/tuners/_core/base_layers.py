@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Optional, Union
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -86,3 +89,24 @@ def unobserved(*modules: nn.Module) -> bool:
 def is_plain_linear(module: nn.Module) -> bool:
     """A stock `nn.Linear` or transformers `Conv1D` (not a subclass: those may change the maths)."""
     return type(module) in (nn.Linear, Conv1D)
+
+
+@contextmanager
+def tensors_swapped(swaps: list[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
+    """For the block, `module.<name>` reads the given tensor; the original is put back afterwards.
+
+    Where the attribute lookup finds it: FSDP (`use_orig_params=True`) keeps its unsharded views in
+    the instance `__dict__`, shadowing `_parameters` (which is all `torch.func.functional_call` swaps).
+    """
+    saved: list[tuple[dict, str, Any]] = []
+    try:
+        for module, name, tensor in swaps:
+            store = next((d for d in (module.__dict__, module._parameters, module._buffers) if name in d), None)
+            if store is None:
+                raise AttributeError(f"{type(module).__name__} has no tensor {name!r} to swap.")
+            saved.append((store, name, store[name]))
+            store[name] = tensor
+        yield
+    finally:
+        for store, name, original in reversed(saved):
+            store[name] = original

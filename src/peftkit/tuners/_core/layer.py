@@ -202,10 +202,12 @@ class BaseTunerLayer:
         exactly as it was.
         """
         names = self._adapters_to_merge(adapter_names)
-        if not names:
-            return
-        base = self.get_base_layer()
-        weight, bias = read_weight(base), read_bias(base)
+        if names:
+            self._merge_names(names, safe_merge)
+
+    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+        """`merge` of exactly `names` (checked, none merged yet): all of them or, on failure, none."""
+        weight, bias = self._read_base()
         done = len(self.merged_adapters)
         try:
             with torch.no_grad():
@@ -214,7 +216,7 @@ class BaseTunerLayer:
                     if safe_merge:
                         _require_finite(name, weight, bias)
                     self.merged_adapters.append(name)
-            write_weight(base, weight, bias)
+            self._write_base(weight, bias)
         except BaseException:
             for name in self.merged_adapters[done:]:
                 self._forget_merge(name)
@@ -226,20 +228,32 @@ class BaseTunerLayer:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base = self.get_base_layer()
-        weight, bias = read_weight(base), read_bias(base)
+        weight, bias = self._read_base()
         merged = list(self.merged_adapters)
         try:
             with torch.no_grad():
                 while self.merged_adapters:  # `unfold` sees the adapters still merged under it
                     weight, bias = self.unfold(self.merged_adapters[-1], weight, bias)
                     self.merged_adapters.pop()
-            write_weight(base, weight, bias)
+            self._write_base(weight, bias)
         except BaseException:
             self.merged_adapters[:] = merged
             raise
         for name in merged:
             self._forget_merge(name)
+
+    def _read_base(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (W, b) that merging folds adapters into: the base layer's weight and bias, dense."""
+        base = self.get_base_layer()
+        return read_weight(base), read_bias(base)
+
+    def _write_base(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Store what `_read_base` gave, changed (see `quantization.weights.write_weight`)."""
+        write_weight(self.get_base_layer(), weight, bias)
+
+    def unwrapped(self) -> nn.Module:
+        """The module that replaces this layer when it is unloaded: the wrapped base layer."""
+        return self.base_layer
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _move_adapter_to_base(self, adapter_name: str, keep_fp32: bool = True) -> None:

@@ -284,23 +284,24 @@ class BaseTuner(nn.Module):
 
     def _remove_adapter_from_layers(self, adapter_name: str) -> None:
         """Delete `adapter_name` everywhere; wrappers left with no adapter are unwrapped."""
-        for key, module in list(self.adapter_modules()):
+        for key, module in list(self.adapter_modules())[::-1]:  # inner layers first
             if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
                 module.unmerge()
             module.delete_adapter(adapter_name)
             empty = not (module.adapter_names() if isinstance(module, BaseTunerLayer) else len(module.modules_to_save))
             if empty:
                 parent, _, name = get_submodules(self.model, key)
-                original = module.base_layer if isinstance(module, BaseTunerLayer) else module.original_module
+                original = module.unwrapped() if isinstance(module, BaseTunerLayer) else module.original_module
                 replace_module(parent, name, original)
 
     # ------------------------------------------------------------------ iteration
     def adapter_modules(self) -> Iterator[tuple[str, AdapterLike]]:
-        """(name, module) of every tuner layer and modules-to-save wrapper, outermost only.
+        """(name, module) of every tuner layer and modules-to-save wrapper, outer before inner.
 
-        The walk does not descend into the wrappers it yields: with many adapters their ModuleDicts
-        hold most of the model's modules (32 LoRA adapters: ~100 per wrapped layer), and a
-        mixed-batch call walks the model twice per forward.
+        The walk does not descend into the wrappers it yields (with many adapters their ModuleDicts
+        hold most of the model's modules -- 32 LoRA adapters: ~100 per wrapped layer -- and a
+        mixed-batch call walks the model twice per forward), except along `base_layer` where that is
+        itself a tuner layer: layers nested on purpose (LoRA's `ParamWrapper`, one per parameter).
         """
         stack: list[tuple[str, nn.Module]] = [("", self.model)]
         seen: set[int] = set()
@@ -311,6 +312,9 @@ class BaseTuner(nn.Module):
             seen.add(id(module))
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 yield name, module
+                inner = getattr(module, "base_layer", None)
+                if isinstance(inner, BaseTunerLayer):  # nested layers (LoRA's ParamWrapper): each is a layer
+                    stack.append((f"{name}.base_layer" if name else "base_layer", inner))
                 continue
             children = [(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()]
             stack.extend(reversed(children))  # pre-order, in registration order, as named_modules
@@ -477,7 +481,7 @@ class BaseTuner(nn.Module):
     def _unload(
         self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
     ) -> nn.Module:
-        modules = list(self.adapter_modules())
+        modules = list(self.adapter_modules())[::-1]  # inner layers before the layers that wrap them
         for key, module in tqdm(modules, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "")):
             parent, _, name = get_submodules(self.model, key)
             if isinstance(module, ModulesToSaveWrapper):
@@ -488,7 +492,7 @@ class BaseTuner(nn.Module):
                 module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             elif module.merged:
                 module.unmerge()
-            replace_module(parent, name, module.base_layer)
+            replace_module(parent, name, module.unwrapped())
         # As peft: no adapter is left, so neither is the configs' attribute on the returned model.
         if "peft_config" in vars(self.model):
             del self.model.peft_config

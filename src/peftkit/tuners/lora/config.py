@@ -48,6 +48,9 @@ class LoraConfig(PeftConfig):
         use_dora: Weight-decomposed LoRA: a trained magnitude per output channel (see `dora.py`).
         layers_to_transform / layers_pattern: Restrict wrapping to these block indices.
         rank_pattern / alpha_pattern: Per-module rank / alpha, keyed by a regex of the module path.
+        target_parameters: Bare parameters to adapt, "<module path>.<parameter>" (exact or dotted
+            suffix), e.g. MoE expert stacks `["experts.gate_up_proj"]`; see `param_wrapper.py`.
+            Usable alone (target_modules None or []) or with target_modules on other modules.
     """
 
     peft_type: Optional[Union[str, PeftType]] = PeftType.LORA
@@ -99,7 +102,6 @@ class LoraConfig(PeftConfig):
         "use_qalora": False,
         "monteclora_config": None,
         "layer_replication": None,
-        "target_parameters": None,
         "use_bdlora": None,
         "arrow_config": None,
         "kasa_config": None,
@@ -126,6 +128,10 @@ class LoraConfig(PeftConfig):
             check_rank(rank, f"rank_pattern[{key!r}]")
         for key, alpha in self.alpha_pattern.items():
             check_positive_number(alpha, f"alpha_pattern[{key!r}]")
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if self.target_parameters is not None:
+            self.target_parameters = check_optional_name_list(self.target_parameters, "target_parameters")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} is not valid; use 'none', 'all' or 'lora_only'.")
         if self.init_lora_weights not in _INIT_CHOICES and not is_valid_base_weight_init(self.init_lora_weights):

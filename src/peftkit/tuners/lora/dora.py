@@ -85,7 +85,7 @@ def weight_norm(layer: "LoraLayer", adapter_name: str, base_weight: Optional[tor
     `base_weight` is W in (out, in, ...) layout; by default the layer's current base weight.
     """
     with torch.no_grad():
-        delta = layer.out_in_layout(layer.get_delta_weight(adapter_name))
+        delta = layer.out_in_layout(layer.dora_delta_weight(adapter_name))
         if base_weight is None:
             base_weight = layer.out_in_layout(layer.base_weight())
         return (base_weight.to(delta.dtype) + delta).flatten(1).norm(dim=1)

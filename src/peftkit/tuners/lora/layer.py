@@ -201,6 +201,10 @@ class LoraLayer(BaseTunerLayer):
         """`weight` (or a delta) seen as (out, in, ...); its own inverse. Layers stored otherwise override."""
         return weight
 
+    def dora_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The `s B A` (stored layout) whose sum with W DoRA normalises: the merge delta, for most layers."""
+        return self.get_delta_weight(adapter_name)
+
     def dora_channel_shape(self) -> tuple[int, ...]:
         """Shape of DoRA's magnitude: one entry per output channel, broadcastable against the output."""
         return (self.out_features,)
@@ -478,7 +482,8 @@ class Conv(LoraLayer, nn.Module):
 
     On a grouped base (groups = G > 1) B is grouped too, as in peft: A maps all inputs to r channels,
     B maps r / G of them to each group's outputs (so r must be a multiple of G). The update is then
-    no longer one weight of the base's shape, so such adapters cannot be merged.
+    no longer one weight of the base's shape, so such adapters cannot be merged. DoRA works there
+    (unmerged) with peft's normaliser, see `dora_delta_weight`.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **lora_kwargs: Any):
@@ -488,15 +493,6 @@ class Conv(LoraLayer, nn.Module):
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.", stacklevel=6)
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, **lora_kwargs)
-
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, use_dora: bool = False, **kwargs: Any) -> None:
-        groups = self.get_base_layer().groups
-        if use_dora and groups > 1:
-            raise ConfigError(
-                f"DoRA (use_dora=True) does not support grouped convolutions (groups={groups}); use plain LoRA "
-                "there, or exclude this module via exclude_modules."
-            )
-        super().update_layer(adapter_name, r, lora_alpha, use_dora=use_dora, **kwargs)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         base = self.get_base_layer()
@@ -522,6 +518,17 @@ class Conv(LoraLayer, nn.Module):
         base = self.get_base_layer()
         return base._conv_forward(x.to(base.weight.dtype), base.weight, None)
 
+    def dora_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """As the base class; on a grouped base (no true delta of the base's shape exists) peft's
+        normaliser: `s * (B.view(-1, r) @ A.view(r, -1))` reshaped to the kernel's shape."""
+        base = self.get_base_layer()
+        if base.groups == 1:
+            return self.get_delta_weight(adapter_name)
+        rank = self.r[adapter_name]
+        weight_a, weight_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        product = weight_b.reshape(-1, rank) @ weight_a.reshape(rank, -1)
+        return product.reshape(base.weight.shape) * self.scaling[adapter_name]
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta_W[o, i, k] = scaling * sum_r B[o, r] A[r, i, k] (B is 1x1, so it is a matmul)."""
         groups = self.get_base_layer().groups
@@ -541,5 +548,6 @@ dispatch_embedding = wraps(nn.Embedding, Embedding)
 dispatch_conv = wraps((nn.Conv1d, nn.Conv2d, nn.Conv3d), Conv)
 dispatch_linear = wraps(is_linear_like, Linear)  # Linear, Conv1D and quantized linear bases
 SUPPORTED_LAYERS = (
-    "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers' Conv1D and quantized linear layers"
+    "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, torch.nn.MultiheadAttention, transformers' Conv1D "
+    "and quantized linear layers"
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import AdapterStateError, ConfigError
+from ...errors import AdapterStateError, ConfigError, TargetModulesError
+from .._core.layer import BaseTunerLayer
 from .._core.matching import pattern_value
+from .._core.module_tree import get_submodules, replace_module
 from .._core.modules_to_save import ModulesToSaveWrapper
 from .._core.tuner import BaseTuner
 from .config import LoraConfig
@@ -19,7 +22,9 @@ from .conversion import convert_mutated_init_to_lora
 from .constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
 from .init import is_valid_base_weight_init
 from .layer import SUPPORTED_LAYERS, LoraLayer, dispatch_conv, dispatch_embedding, dispatch_linear
+from .mha import dispatch_mha
 from .mixed_batch import check_names
+from .param_wrapper import ParamWrapper, existing_wrapper, parameter_targets
 from .weighted import add_weighted_adapter
 
 
@@ -32,7 +37,7 @@ class LoraModel(BaseTuner):
     prefix = "lora_"
     default_target_modules = LORA_TARGET_MODULES_BY_MODEL_TYPE
     layer_cls = LoraLayer
-    dispatchers = (dispatch_embedding, dispatch_conv, dispatch_linear)
+    dispatchers = (dispatch_embedding, dispatch_conv, dispatch_mha, dispatch_linear)
     display_name = "LoRA"
     supported_layers = SUPPORTED_LAYERS
 
@@ -47,7 +52,66 @@ class LoraModel(BaseTuner):
             "lora_bias": config.lora_bias,
         }
 
+    def _prepare_adapter_config(self, config: LoraConfig) -> LoraConfig:
+        """As every method; besides, `target_parameters` alone is a complete target (peft's rule)."""
+        if config.target_modules is None and config.target_parameters:
+            if self._model_type() not in self.default_target_modules:
+                return dataclasses.replace(config)
+        return super()._prepare_adapter_config(config)
+
+    def _inject(self, adapter_name: str, config: LoraConfig, targets: Any = None) -> None:
+        """Wrap the modules `target_modules` selects, then the parameters `target_parameters` names."""
+        if not config.target_parameters:
+            return super()._inject(adapter_name, config, targets)
+        if targets is not None:
+            raise ConfigError(
+                "Trying to inject a PEFT adapter from a state_dict but the PEFT config uses `target_parameters`. This "
+                "is not supported -- when using `target_parameters`, please inject the adapter without the state_dict."
+            )
+        found = parameter_targets(self.model, config.target_parameters, self.prefix)
+        if config.target_modules:
+            try:
+                super()._inject(adapter_name, config)
+            except TargetModulesError:
+                if not found:
+                    raise
+                warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning, stacklevel=4)
+        elif not found:
+            raise TargetModulesError(
+                "No `target_modules` passed but also no `target_parameters` found. Please check the values for these "
+                f"arguments: no parameter of {type(self.model).__name__} is named by {config.target_parameters}."
+            )
+        if not found:
+            warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.", RuntimeWarning, stacklevel=4)
+        for path, param_name in found:
+            self._wrap_parameter(adapter_name, config, path, param_name)
+        self.targeted_parameter_names = sorted(set(getattr(self, "targeted_parameter_names", [])) | {f"{p}.{n}" for p, n in found})
+
+    def _wrap_parameter(self, adapter_name: str, config: LoraConfig, path: str, param_name: str) -> None:
+        """Add `adapter_name` to the `ParamWrapper` of `path.param_name`, creating (nesting) it if needed."""
+        parent, target, name = get_submodules(self.model, path)
+        if isinstance(target, BaseTunerLayer) and not isinstance(target, ParamWrapper):
+            raise ConfigError(
+                f"Trying to wrap an `nn.Parameter` of layer '{path}' of type {type(target).__name__}, which is not a "
+                "valid target. Make sure that this layer is not also targeted with `target_modules`. For some models, "
+                "peftkit does this automatically; try setting `target_modules=[]` to prevent it."
+            )
+        kwargs = self.layer_kwargs(config, adapter_name, f"{path}.{param_name}", target)
+        wrapper = existing_wrapper(target, param_name)
+        if wrapper is not None:
+            wrapper.update_layer(adapter_name, **kwargs)
+        else:
+            replace_module(parent, name, ParamWrapper(target, adapter_name, parameter_name=param_name, **kwargs))
+
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        targets = set(config.target_parameters or ())
+        for name, other in self.peft_config.items():
+            if targets and other.target_parameters and set(other.target_parameters) != targets:
+                raise ConfigError(
+                    "When using multiple adapters with `target_parameters`, all adapters must target the same set of "
+                    f"parameters, but got {sorted(targets)} for the new adapter and {sorted(other.target_parameters)} "
+                    f"for adapter '{name}'."
+                )
         configs = [config, *self.peft_config.values()]
         if len(configs) > 1 and any(is_valid_base_weight_init(cfg.init_lora_weights) for cfg in configs):
             warnings.warn(
@@ -66,11 +130,16 @@ class LoraModel(BaseTuner):
         """Biases that `bias="all"` / `"lora_only"` train and save, keyed by their module path."""
         if config.bias == "none":
             return {}
-        if config.bias == "lora_only":
+        if config.bias == "lora_only":  # every LoRA layer's base bias, nested layers (MHA's out_proj) included
+            wanted = {
+                id(bias)
+                for module in self.model.modules()
+                if isinstance(module, LoraLayer) and (bias := getattr(module.get_base_layer(), "bias", None)) is not None
+            }
             return {
-                f"{name}.base_layer.bias": layer.base_layer.bias
-                for name, layer in self.tuner_layers()
-                if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None
+                name.replace("_fsdp_wrapped_module.", ""): param
+                for name, param in self.model.named_parameters()
+                if id(param) in wanted
             }
         wrappers = [name for name, module in self.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
         return {

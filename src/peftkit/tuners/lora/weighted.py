@@ -39,9 +39,19 @@ def _plan(tuner: "LoraModel", adapters: list[str], weights: list[float], combina
     tuner._check_adapter_exists(list(adapters))
     if len(weights) != len(adapters):
         raise ConfigError(f"Got {len(adapters)} adapters but {len(weights)} weights; pass one weight per adapter.")
-    for wrapper in (m for m in tuner.model.modules() if isinstance(m, ModulesToSaveWrapper)):
-        if sum(name in wrapper.modules_to_save for name in adapters) > 1:
-            raise ConfigError("Cannot combine adapters that each train the same module in full (modules_to_save).")
+    for name in adapters:
+        if tuner.peft_config[name].target_parameters:
+            raise ConfigError(
+                f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{name}'); "
+                "combine adapters that use target_modules only."
+            )
+    wrappers = [m for m in tuner.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    shared = [w for w in wrappers if sum(name in w.modules_to_save for name in adapters) > 1]
+    if shared:
+        raise ConfigError(
+            "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+            f"{len(shared)} such instance(s): modules trained in full cannot be combined; drop them from one adapter."
+        )
     with_bias = [name for name in adapters if tuner.peft_config[name].lora_bias]
     if with_bias:
         raise ConfigError(
