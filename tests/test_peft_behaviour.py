@@ -381,3 +381,57 @@ def test_errors_and_warnings_carry_peft_phrases():
         get_peft_model(MLP(), LoraConfig())
     with pytest.warns(PeftWarning, match="has no bias"):
         get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], lora_bias=True))
+
+
+def test_size_mismatch_is_a_runtime_error_and_can_be_ignored(tmp_path):
+    """As peft (torch's "size mismatch"): a resized embedding refuses the adapter, unless ignore_mismatched_sizes."""
+    from torch import nn
+
+    def model(rows: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(rows, 8), nn.Linear(8, 4))
+
+    peft_model = get_peft_model(model(10), LoraConfig(target_modules=["0", "1"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match=r"size mismatch.*\(8, 10\).*\(8, 12\)"):
+        PeftModel.from_pretrained(model(12), tmp_path)
+    loaded = PeftModel.from_pretrained(model(12), tmp_path, ignore_mismatched_sizes=True)
+    linear = loaded.base_model.model[1]
+    assert torch.equal(linear.lora_A["default"].weight, peft_model.base_model.model[1].lora_A["default"].weight)
+
+
+def test_mixed_batch_over_a_module_copy_that_cannot_split_rows_is_a_type_error():
+    from torch import nn
+
+    class WithGRU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0 = nn.Linear(4, 4)
+            self.gru = nn.GRU(4, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.lin0(x))[0]
+
+    model = get_peft_model(WithGRU().eval(), LoraConfig(target_modules=["lin0"], modules_to_save=["gru"]), "a").eval()
+    model.add_adapter("b", LoraConfig(target_modules=["lin0"], modules_to_save=["gru"]))
+    with pytest.raises(TypeError, match="Mixed batching is only supported for the following modules: Linear"):
+        model(torch.randn(2, 3, 4), adapter_names=["a", "b"])
+
+
+def test_model_type_is_read_like_peft_from_config_to_dict():
+    from unittest.mock import MagicMock
+
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = MagicMock()
+    model.config.to_dict.return_value = {"model_type": "foobar"}
+    with pytest.raises(ValueError, match="Please specify `target_modules`.*'foobar'"):
+        get_peft_model(model, LoraConfig())
+
+
+def test_lora_conv_layers_print_as_peft_names_them():
+    from torch import nn
+
+    model = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3)), LoraConfig(target_modules=["0"]))
+    assert repr(model.base_model.model[0]).startswith("lora.Conv2d(")

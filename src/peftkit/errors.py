@@ -47,5 +47,9 @@ class CheckpointError(PeftkitError):
     """An adapter checkpoint is missing, truncated, corrupt or does not fit the model."""
 
 
+class CheckpointShapeError(CheckpointError, RuntimeError):
+    """A checkpoint tensor's shape differs from the model's (a RuntimeError too, as torch's "size mismatch")."""
+
+
 class AdapterStateError(PeftkitError):
     """An adapter operation does not fit the model's current state (e.g. unmerge with nothing merged)."""

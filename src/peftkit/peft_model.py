@@ -402,7 +402,13 @@ def _load(
         given.__dict__.update(vars(peft_model.peft_config[adapter_name]))
         peft_model.peft_config[adapter_name] = given
     try:
-        result = set_peft_model_state_dict(peft_model, checkpoint.weights, adapter_name=adapter_name, strict=True)
+        result = set_peft_model_state_dict(
+            peft_model,
+            checkpoint.weights,
+            adapter_name=adapter_name,
+            strict=True,
+            ignore_mismatched_sizes=bool(kwargs.get("ignore_mismatched_sizes", False)),
+        )
     except BaseException:
         peft_model.base_model.delete_adapter(adapter_name)
         raise

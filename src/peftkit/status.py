@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .tuners._core.layer import BaseTunerLayer
-from .tuners._core.modules_to_save import ModulesToSaveWrapper
+from .tuners._core.modules_to_save import AuxiliaryWrapper
 from .tuners._core.tuner import BaseTuner
 
 Irregular = Literal["irregular"]
@@ -64,9 +64,9 @@ def _all_or_irregular(values: list) -> Union[bool, Irregular]:
 def _per_adapter_tensors(module: nn.Module) -> dict[str, list[torch.Tensor]]:
     """adapter name -> its trainable tensors in this layer (a modules_to_save copy: its parameters)."""
     found: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
-    if isinstance(module, ModulesToSaveWrapper):
-        for name, copy in module.modules_to_save.items():
-            found[name].extend(copy.parameters())
+    if isinstance(module, AuxiliaryWrapper):
+        for name in module.held_adapters():
+            found[name].extend(module.adapter_tensors(name))
         return found
     for attr in module.adapter_layer_names:
         container = getattr(module, attr, None)
@@ -110,11 +110,11 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     root = _adapter_root(model)
     layers: list[TunerLayerStatus] = []
     for name, module in root.named_modules():
-        if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+        if not isinstance(module, (BaseTunerLayer, AuxiliaryWrapper)):
             continue
         tensors = _per_adapter_tensors(module)
-        if isinstance(module, ModulesToSaveWrapper):
-            available = sorted(module.modules_to_save.keys())
+        if isinstance(module, AuxiliaryWrapper):
+            available = sorted(module.held_adapters())
             merged: list[str] = []
         else:
             available = sorted(module.adapter_names())

@@ -167,8 +167,8 @@ def check_load_device(device: Any) -> str:
 # ---------------------------------------------------------------------- writing
 def base_model_name(model: nn.Module) -> Optional[str]:
     """`config._name_or_path` of a transformers model (None when empty or absent)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or None
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name else None  # a config stand-in may hold anything
 
 
 def adapter_config_to_save(config: "PeftConfig", model: nn.Module) -> dict[str, Any]:

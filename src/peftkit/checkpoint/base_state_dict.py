@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..tuners._core.layer import BaseTunerLayer
-from ..tuners._core.modules_to_save import ModulesToSaveWrapper
+from ..tuners._core.modules_to_save import AuxiliaryWrapper
 
 if TYPE_CHECKING:  # state_dict re-exports this module's functions: import it lazily
     from .state_dict import IncompatibleKeys
@@ -53,9 +53,9 @@ def _original_key(root: nn.Module, key: str) -> Optional[str]:
                 return None  # the adapter's own tensors and settings
             current = child
             continue
-        if isinstance(current, ModulesToSaveWrapper):
-            if part != "original_module":
-                return None  # the per-adapter trainable copies
+        if isinstance(current, AuxiliaryWrapper):
+            if part != current.base_attribute:
+                return None  # the per-adapter trainable copies / rows
             current = child
             continue
         kept.append(part)

@@ -58,10 +58,12 @@ def _vocab_was_resized(config: Any, model: nn.Module) -> bool:
 def embedding_state_to_save(model: nn.Module, config: Any, save_embedding_layers: Union[bool, str]) -> dict[str, torch.Tensor]:
     """Keys (no prefix) -> live tensors of the embedding matrices to save with the adapter."""
     targeted = embedding_is_targeted(config, model)
+    # peft's rule: trainable token rows are saved as the adapter's own tensors, not as the whole matrix.
+    uses_token_rows = getattr(config, "trainable_token_indices", None) is not None or str(getattr(config, "peft_type", "")) == "TRAINABLE_TOKENS"
     if save_embedding_layers == "auto":
-        if targeted:
+        if targeted and not uses_token_rows:
             warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
-        save_embedding_layers = targeted or _vocab_was_resized(config, model)
+        save_embedding_layers = (targeted and not uses_token_rows) or _vocab_was_resized(config, model)
     if not save_embedding_layers:
         return {}
     if not hasattr(model, "get_input_embeddings"):  # peft's rule: only transformers models name their embeddings
@@ -82,7 +84,7 @@ def embedding_state_accepted(model: nn.Module) -> dict[str, torch.Tensor]:
         state.update(_layer_tensors(model, layer))
         if isinstance(layer, BaseTunerLayer):
             state.update(_layer_tensors(model, layer.base_layer))
-    return {key: tensor for key, tensor in state.items() if ".lora_" not in key}
+    return {key: tensor for key, tensor in state.items() if ".lora_" not in key and ".trainable_tokens_" not in key}
 
 
 def _layer_tensors(model: nn.Module, layer: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,9 +14,9 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointShapeError
 from ..tuners._core.layer import BaseTunerLayer
-from ..tuners._core.modules_to_save import ModulesToSaveWrapper
+from ..tuners._core.modules_to_save import AuxiliaryWrapper
 from ..utils.constants import PEFT_MODEL_PREFIX
 from .embeddings import embedding_state_accepted, embedding_state_to_save
 
@@ -69,7 +69,7 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str = "default") -> dict[
     tuner, tree, prefix = _tuner_of(model)
     state: dict[str, torch.Tensor] = {}
     for name, module in tree.named_modules():
-        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper)):
             # Keys are checkpoint keys: FSDP1 / activation-checkpoint wrappers' segments are not part of them.
             name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
             state.update(module.adapter_state(adapter_name, name))
@@ -158,7 +158,8 @@ def set_peft_model_state_dict(
 ) -> IncompatibleKeys:
     """Copy checkpoint tensors into `adapter_name`'s live tensors.
 
-    A shape mismatch raises `CheckpointError` naming the tensor and both shapes (or is skipped
+    A shape mismatch raises `CheckpointShapeError` (a CheckpointError and a RuntimeError, as torch's
+    "size mismatch") naming the tensor and both shapes (or is skipped
     with `ignore_mismatched_sizes`). With `strict`, missing or unexpected keys raise too;
     otherwise they are returned, like `nn.Module.load_state_dict(strict=False)`.
     """
@@ -220,10 +221,11 @@ def _assign(module: nn.Module, values: dict[int, torch.Tensor], device: Optional
 def _check_shapes(target: Mapping[str, torch.Tensor], incoming: Mapping[str, torch.Tensor], ignore: bool) -> None:
     for key, tensor in target.items():
         if key in incoming and incoming[key].shape != tensor.shape and not ignore:
-            raise CheckpointError(
-                f"Shape mismatch for {key}: the checkpoint has {tuple(incoming[key].shape)}, the model "
+            raise CheckpointShapeError(
+                f"size mismatch for {key}: the checkpoint has shape {tuple(incoming[key].shape)}, the model "
                 f"expects {tuple(tensor.shape)}. The adapter config (r, target_modules) does not match its "
-                "weights, or the adapter was trained on another base model."
+                "weights, or the adapter was trained on another base model (a resized embedding: pass "
+                "ignore_mismatched_sizes=True to skip such tensors)."
             )
 
 

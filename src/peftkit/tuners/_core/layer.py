@@ -123,8 +123,19 @@ class BaseTunerLayer:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for attr in self.adapter_layer_names:
             for name, item in getattr(self, attr).items():
-                item.requires_grad_(name in names and not inference_mode)
+                item.requires_grad_(name in names and not inference_mode and not self.is_frozen(attr, name))
         self._active_adapter = names
+
+    def is_frozen(self, attr: str, adapter_name: str) -> bool:
+        """Whether `attr[adapter_name]` stays frozen when its adapter trains (e.g. MiCA's B); see `frozen_factors`."""
+        return attr in getattr(self, "frozen_factors", {}).get(adapter_name, ())
+
+    def trainable_adapter_params(self, adapter_names: Iterable[str]) -> Iterator[nn.Parameter]:
+        """`adapter_params` less the tensors that stay frozen (`is_frozen`): what training updates."""
+        for attr in self.adapter_layer_names:
+            for name, item in getattr(self, attr).items():
+                if name in adapter_names and not self.is_frozen(attr, name):
+                    yield from [item] if isinstance(item, torch.Tensor) else item.parameters()
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turn every adapter of this layer on (the active ones train) or off (the base output)."""

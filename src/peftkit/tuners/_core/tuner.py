@@ -31,9 +31,10 @@ from .base_layers import record_layout
 from .layer import BaseTunerLayer
 from .matching import describe_unmatched, is_targeted, key_matches
 from .module_tree import get_submodules, replace_module
-from .modules_to_save import ModulesToSaveWrapper
+from .modules_to_save import AuxiliaryWrapper, ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper, tied_module_names, token_targets
 
-AdapterLike = Union[BaseTunerLayer, ModulesToSaveWrapper]
+AdapterLike = Union[BaseTunerLayer, AuxiliaryWrapper]
 
 
 #: Builds a method's layer around `target` if it understands `target`'s (innermost) base layer,
@@ -186,7 +187,10 @@ class BaseTuner(nn.Module):
     # ------------------------------------------------------------------ adding adapters
     def _model_type(self) -> Optional[str]:
         config = getattr(self.model, "config", None)
-        return getattr(config, "model_type", None) if config is not None else None
+        model_type = getattr(config, "model_type", None) if config is not None else None
+        if not isinstance(model_type, str) and hasattr(config, "to_dict"):  # peft reads config.to_dict()
+            model_type = config.to_dict().get("model_type")
+        return model_type if isinstance(model_type, str) else None
 
     def _prepare_adapter_config(self, config: Any) -> Any:
         """Return a copy of `config` with `target_modules` resolved (defaults, "all-linear")."""
@@ -253,7 +257,7 @@ class BaseTuner(nn.Module):
 
     def _inject(self, adapter_name: str, config: Any, targets: Optional[set[str]] = None) -> None:
         """Wrap the modules `config` selects, or exactly the module names `targets` when given."""
-        wrapped = [name for name, module in self.model.named_modules() if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))]
+        wrapped = [name for name, module in self.model.named_modules() if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper))]
         keys = [
             name
             for name, _ in self.model.named_modules()
@@ -270,6 +274,8 @@ class BaseTuner(nn.Module):
                 matched.append(key)
         if not matched:
             raise TargetModulesError(describe_unmatched(config.target_modules, self.model))
+        if getattr(config, "trainable_token_indices", None) is not None:
+            self._wrap_trainable_tokens(adapter_name, config)
         if targets is not None:
             by_config = [key for key in keys if is_targeted(config, key) and not key_matches(key, modules_to_save)]
             _warn_if_targets_differ(by_config, matched)
@@ -282,13 +288,45 @@ class BaseTuner(nn.Module):
         else:
             replace_module(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
 
+    def _wrap_trainable_tokens(self, adapter_name: str, config: Any) -> None:
+        """`trainable_token_indices`: trainable rows of the named embeddings (and of output layers tied to them)."""
+        targets = token_targets(self.model, config.trainable_token_indices)
+        for name in targets:
+            if name in (config.modules_to_save or ()):
+                raise ConfigError(
+                    "The embedding layer is already marked to be trained fully, either specify "
+                    f'`modules_to_save=[..., "{name}", ...]` or `trainable_tokens={{\'{name}\': x}}` but not both.'
+                )
+        wrapped = [n for n, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryWrapper))]
+        keys = [n for n, _ in self.model.named_modules() if n and not any(n.startswith(w + ".") for w in wrapped)]
+        for name, indices in targets.items():
+            found = [key for key in keys if key_matches(key, [name])]
+            if not found:
+                raise TargetModulesError(
+                    f"Target modules {[name]} not found in the base model. Please check the target modules and try "
+                    "again: trainable_token_indices names a module the model does not have."
+                )
+            for key in found:
+                parent, target, target_name = get_submodules(self.model, key)
+                if isinstance(target, TrainableTokensWrapper):
+                    target.update(adapter_name, indices)
+                    continue
+                tied = tied_module_names(self.model, target)
+                wrapper = TrainableTokensWrapper(target, adapter_name, indices)
+                replace_module(parent, target_name, wrapper)
+                for tied_key in tied:  # the output layer shares the weight: it shares the rows too
+                    tied_parent, tied_target, tied_name = get_submodules(self.model, tied_key)
+                    if not isinstance(tied_target, TrainableTokensWrapper):
+                        layer = wrapper.token_adapter
+                        replace_module(tied_parent, tied_name, TrainableTokensWrapper(tied_target, adapter_name, indices, layer))
+
     def _remove_adapter_from_layers(self, adapter_name: str) -> None:
         """Delete `adapter_name` everywhere; wrappers left with no adapter are unwrapped."""
         for key, module in list(self.adapter_modules())[::-1]:  # inner layers first
             if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
                 module.unmerge()
             module.delete_adapter(adapter_name)
-            empty = not (module.adapter_names() if isinstance(module, BaseTunerLayer) else len(module.modules_to_save))
+            empty = not (module.adapter_names() if isinstance(module, BaseTunerLayer) else module.held_adapters())
             if empty:
                 parent, _, name = get_submodules(self.model, key)
                 original = module.unwrapped() if isinstance(module, BaseTunerLayer) else module.original_module
@@ -310,7 +348,7 @@ class BaseTuner(nn.Module):
             if id(module) in seen:  # a module registered twice is visited once, as named_modules does
                 continue
             seen.add(id(module))
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper)):
                 yield name, module
                 inner = getattr(module, "base_layer", None)
                 if isinstance(inner, BaseTunerLayer):  # nested layers (LoRA's ParamWrapper): each is a layer
@@ -336,10 +374,11 @@ class BaseTuner(nn.Module):
                 continue
             for _, module in self.adapter_modules():
                 if isinstance(module, BaseTunerLayer):
-                    for param in module.adapter_params([name]):
+                    for param in module.trainable_adapter_params([name]):
                         param.requires_grad_(True)
-                elif name in module.modules_to_save and module.active_adapter == name:
-                    module.modules_to_save[name].requires_grad_(True)
+                elif name in module.held_adapters() and module.active_adapter == name:
+                    for tensor in module.adapter_tensors(name):
+                        tensor.requires_grad_(True)
             self._mark_extra_trainable(config)
 
     # ------------------------------------------------------------------ switching
@@ -362,7 +401,7 @@ class BaseTuner(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_adapter_exists(names, "not found")
         for _, module in self.adapter_modules():  # refuse before changing anything
-            if isinstance(module, ModulesToSaveWrapper):
+            if isinstance(module, AuxiliaryWrapper):
                 module.check_set_adapter(names)
         warned = False
         for _, module in self.adapter_modules():
@@ -484,9 +523,8 @@ class BaseTuner(nn.Module):
         modules = list(self.adapter_modules())[::-1]  # inner layers before the layers that wrap them
         for key, module in tqdm(modules, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "")):
             parent, _, name = get_submodules(self.model, key)
-            if isinstance(module, ModulesToSaveWrapper):
-                # As peft: the trained copy of the active adapter replaces the original, merged or not.
-                replace_module(parent, name, module.resolve(module.active_adapter))
+            if isinstance(module, AuxiliaryWrapper):
+                replace_module(parent, name, module.unloaded(merge, safe_merge, adapter_names))
                 continue
             if merge:
                 module.merge(safe_merge=safe_merge, adapter_names=adapter_names)

@@ -22,7 +22,7 @@ from ...utils.validation import (
 from ...utils.peft_types import PeftType
 from .init import is_valid_base_weight_init
 
-_INIT_CHOICES = (True, False, "gaussian", "orthogonal")
+_INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica")
 
 
 @dataclass
@@ -42,7 +42,8 @@ class LoraConfig(PeftConfig):
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier).
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
             False (random A and B; the adapter is not a no-op -- for tests), "orthogonal" (peft's:
-            A and B from one random orthogonal matrix, B A != 0; Linear layers, even r), or "pissa" /
+            A and B from one random orthogonal matrix, B A != 0; Linear layers, even r), "mica" (MiCA:
+            B from the r minor left singular vectors of W and frozen, A zero and trained), or "pissa" /
             "pissa_niter_<N>" / "olora", which take A and B from the base weight and MODIFY the base
             weight in place (W becomes W - scaling B A; see `init.py` and the README).
         use_dora: Weight-decomposed LoRA: a trained magnitude per output channel (see `dora.py`).
@@ -92,7 +93,6 @@ class LoraConfig(PeftConfig):
     # peft fields whose features peftkit does not implement yet: they must keep their defaults.
     unsupported_fields: ClassVar[dict[str, Any]] = {
         "megatron_config": None,
-        "trainable_token_indices": None,
         "loftq_config": {},
         "eva_config": None,
         "corda_config": None,
@@ -128,6 +128,7 @@ class LoraConfig(PeftConfig):
             check_rank(rank, f"rank_pattern[{key!r}]")
         for key, alpha in self.alpha_pattern.items():
             check_positive_number(alpha, f"alpha_pattern[{key!r}]")
+        _check_token_indices(self.trainable_token_indices)
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.target_parameters is not None:
@@ -137,7 +138,7 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in _INIT_CHOICES and not is_valid_base_weight_init(self.init_lora_weights):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
-                "'orthogonal', 'pissa', 'pissa_niter_<N>' or 'olora'."
+                "'orthogonal', 'mica', 'pissa', 'pissa_niter_<N>' or 'olora'."
             )
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False.")
@@ -156,3 +157,19 @@ class LoraConfig(PeftConfig):
             )
         check_layer_selection(self)
 
+
+def _check_token_indices(value: Any) -> None:
+    """`trainable_token_indices`: None, a list of row indices (the input embedding), or {module: indices}."""
+    if value is None:
+        return
+    groups = value.values() if isinstance(value, dict) else [value]
+    names_ok = not isinstance(value, dict) or all(isinstance(name, str) for name in value)
+    rows_ok = all(
+        isinstance(rows, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in rows)
+        for rows in groups
+    )
+    if not (names_ok and rows_ok):
+        raise ConfigError(
+            f"trainable_token_indices={value!r} is invalid; pass a list of token ids (rows of the input embedding) "
+            "or a dict {module name: [token ids]}."
+        )

@@ -61,7 +61,9 @@ class LoraLayer(BaseTunerLayer):
     """What every LoRA layer shares: per-adapter rank, alpha, scaling, dropout and init."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "merge_factors", "lora_bias")
+    other_param_names = (
+        "r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "merge_factors", "lora_bias", "frozen_factors"
+    )
     #: Whether `lora_dropout` acts on this layer's input (not on the token ids of an embedding).
     drops_input: ClassVar[bool] = True
     #: Whether B may carry a bias (`lora_bias=True`, peft's option): B is a module with a bias here.
@@ -85,6 +87,8 @@ class LoraLayer(BaseTunerLayer):
         self.merge_factors: dict[str, torch.Tensor] = {}
         # Per adapter: whether B has a bias b_B, so that the update is scaling * (B A x + b_B).
         self.lora_bias: dict[str, bool] = {}
+        # Per adapter: factors that stay frozen while it trains (MiCA's B), see `BaseTunerLayer.is_frozen`.
+        self.frozen_factors: dict[str, tuple[str, ...]] = {}
         # Set for one call by `LoraModel.mixed_batch`: the adapter of each batch row.
         self.batch_adapter_names: Optional[tuple[str, ...]] = None
 
@@ -152,10 +156,14 @@ class LoraLayer(BaseTunerLayer):
         Embeddings are the other way round (A zero, B normal), as in peft. `False` keeps the random
         init of both factors, which makes the adapter a non-trivial function (useful in tests).
         """
+        self.frozen_factors.pop(adapter_name, None)
         if init_lora_weights is False:
             return
         if init_lora_weights == "orthogonal":
             self._orthogonal_init(adapter_name)
+            return
+        if init_lora_weights == "mica":
+            self._mica_init(adapter_name)
             return
         if adapter_name in self.lora_A:
             weight_a = self.lora_A[adapter_name].weight
@@ -188,6 +196,37 @@ class LoraLayer(BaseTunerLayer):
             weight_b = torch.randn(rank // 2, self.out_features).T @ q[1::2, :] / 10.0
             self.lora_A[adapter_name].weight.copy_(weight_a)
             self.lora_B[adapter_name].weight.copy_(weight_b)
+
+    def _mica_init(self, adapter_name: str) -> None:
+        """MiCA (minor component adaptation, peft's "mica"): B = the r left singular vectors of W with the
+        smallest singular values, A = 0, and B frozen (only A trains). B A = 0, so W is left as it is.
+
+            W = U S V^T  (S descending)     B = U[:, -r:]      A = 0
+        """
+        names = {Linear: ("lora_A", "lora_B"), Embedding: ("lora_embedding_A", "lora_embedding_B")}
+        factor_names = next((v for cls, v in names.items() if isinstance(self, cls)), None)
+        if factor_names is None:
+            raise ConfigError(
+                f"init_lora_weights='mica' works on Linear and Embedding layers only, not on "
+                f"{type(self.get_base_layer()).__name__}; exclude this module via exclude_modules."
+            )
+        rank = self.r[adapter_name]
+        self.frozen_factors[adapter_name] = (factor_names[1],)
+        factor_a, factor_b = (getattr(self, attr)[adapter_name] for attr in factor_names)
+        weight_a = factor_a if isinstance(factor_a, torch.Tensor) else factor_a.weight
+        weight_b = factor_b if isinstance(factor_b, torch.Tensor) else factor_b.weight
+        if weight_b.is_meta:  # low_cpu_mem_usage: the checkpoint fills both
+            return
+        weight = self.out_in_layout(self.base_weight()).float()
+        if rank > min(weight.shape):
+            raise ConfigError(
+                f"MiCA requires `r` <= min(in_features, out_features) but got r={rank} for a layer with weight shape "
+                f"{tuple(weight.shape)} (max usable r is {min(weight.shape)}); lower r for this module."
+            )
+        left, _, _ = torch.linalg.svd(weight, full_matrices=False)
+        with torch.no_grad():
+            weight_b.copy_(left[:, -rank:])
+            weight_a.zero_()
 
     def adapter_state(self, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
         """As the base class, but DoRA's magnitude is saved as `<prefix>.lora_magnitude_vector` (peft's key)."""
@@ -517,6 +556,9 @@ class Conv(LoraLayer, nn.Module):
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         return base._conv_forward(x.to(base.weight.dtype), base.weight, None)
+
+    def _get_name(self) -> str:
+        return type(self.get_base_layer()).__name__  # printed as peft prints it: lora.Conv2d
 
     def dora_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """As the base class; on a grouped base (no true delta of the base's shape exists) peft's

@@ -150,6 +150,11 @@ class MultiheadAttention(LoraLayer, nn.Module):
         yield from super().adapter_params(names)
         yield from self.out_proj_layer.adapter_params(names)
 
+    def trainable_adapter_params(self, adapter_names: Iterable[str]) -> Iterator[nn.Parameter]:
+        names = list(adapter_names)
+        yield from super().trainable_adapter_params(names)
+        yield from self.out_proj_layer.trainable_adapter_params(names)
+
     def adapter_state(self, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
         state = super().adapter_state(adapter_name, prefix)
         state.update(self.out_proj_layer.adapter_state(adapter_name, f"{prefix}.base_layer.out_proj"))

@@ -50,7 +50,7 @@ def _plan(tuner: "LoraModel", adapters: list[str], weights: list[float], combina
     if shared:
         raise ConfigError(
             "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
-            f"{len(shared)} such instance(s): modules trained in full cannot be combined; drop them from one adapter."
+            f"{len(shared)} such instance(s). Modules trained in full cannot be combined; drop them from one adapter."
         )
     with_bias = [name for name in adapters if tuner.peft_config[name].lora_bias]
     if with_bias:
