@@ -310,3 +310,28 @@ def test_activation_checkpointing_enable_takes_transformers_5_keywords():
     model.train()
     model(**lm_inputs()).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_set_requires_grad_and_modules_to_save_names():
+    """peft's `set_requires_grad` (other adapters and the active set untouched) and `modules_to_save` names."""
+    from torch import nn
+
+    from peftkit import LoraConfig, get_peft_model
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["0"]), adapter_name="a")
+    assert peft_model.modules_to_save is None
+    peft_model.add_adapter("b", LoraConfig(target_modules=["0", "1"], modules_to_save=["2"]))
+    assert peft_model.modules_to_save == {"2"}
+
+    def grads(name):
+        return {p.requires_grad for n, p in peft_model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")}
+
+    assert grads("a") == {True} and grads("b") == {False}
+    peft_model.set_requires_grad("b")
+    assert grads("a") == {True} and grads("b") == {True}
+    assert peft_model.active_adapters == ["a"]
+    peft_model.set_requires_grad(["a", "b"], requires_grad=False)
+    assert grads("a") == {False} and grads("b") == {False}
+    with pytest.raises(ValueError, match="Adapter nope does not exist"):
+        peft_model.set_requires_grad("nope")

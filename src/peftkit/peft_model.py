@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Optional, Union
 
@@ -85,6 +85,25 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers injected)."""
         return self.base_model.model
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The names every adapter trains in full (`modules_to_save` of all configs), None when there are none."""
+        names = {name for config in self.peft_config.values() for name in getattr(config, "modules_to_save", None) or ()}
+        return names or None
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' tensors on (default) or off, leaving the others as they are.
+
+        Unlike `set_adapter`, this does not change which adapters are active (e.g. to train an
+        inactive adapter's tensors too). Not for prompt learning (as peft: a TypeError).
+        """
+        if self.active_peft_config.is_prompt_learning:
+            raise TypeError(
+                "Setting `requires_grad` is not supported for prompt learning methods like "
+                f"{self.active_peft_config.peft_type.value}."
+            )
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def _with_task_modules(self, config: PeftConfig) -> PeftConfig:
         if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):

@@ -148,6 +148,17 @@ def _strip_prefix(keys: Mapping[str, torch.Tensor], expected_prefix: str) -> dic
     return out
 
 
+def _optional_keys(model: nn.Module, adapter_name: str) -> set[str]:
+    """Keys of layers whose tensors checkpoints need not carry (`BaseTunerLayer.optional_in_checkpoints`)."""
+    _, tree, prefix = _tuner_of(model)
+    keys: set[str] = set()
+    for name, module in tree.named_modules():
+        if isinstance(module, BaseTunerLayer) and module.optional_in_checkpoints:
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            keys.update(prefix + key for key in module.adapter_state(adapter_name, name))
+    return keys
+
+
 def set_peft_model_state_dict(
     model: nn.Module,
     peft_model_state_dict: Mapping[str, torch.Tensor],
@@ -176,7 +187,8 @@ def set_peft_model_state_dict(
     incoming = _strip_prefix(peft_model_state_dict, prefix)
     tolerated = tuner.tolerated_checkpoint_keys(adapter_name) if tuner is not None else ()
     unexpected = sorted(k for k in incoming if k not in target and not any(re.match(p, k) for p in tolerated))
-    missing = sorted(k for k in target if k not in incoming)
+    optional_keys = _optional_keys(model, adapter_name)
+    missing = sorted(k for k in target if k not in incoming and k not in optional_keys)
     # Full embedding matrices (peft's save_embedding_layers) are loaded when present, never required.
     optional = {prefix + key: tensor for key, tensor in embedding_state_accepted(_tuner_of(model)[1]).items()}
     if tuner is not None and unexpected:  # e.g. learnable biases (peft loads any key naming a model tensor)

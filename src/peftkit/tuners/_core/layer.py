@@ -30,6 +30,9 @@ class BaseTunerLayer:
     adapter_layer_names: tuple[str, ...] = ()
     #: Attributes that hold each adapter's settings (rank, scaling, dropout), keyed by adapter name.
     other_param_names: tuple[str, ...] = ()
+    #: Whether loading may find none of this layer's keys in a checkpoint (layers that only view
+    #: tensors held elsewhere, e.g. LoRA's `TiedLinear`).
+    optional_in_checkpoints: bool = False
 
     base_layer: nn.Module
     _active_adapter: list[str]

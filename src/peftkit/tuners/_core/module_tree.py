@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 
@@ -15,3 +17,27 @@ def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, st
 def replace_module(parent: nn.Module, child_name: str, new_module: nn.Module) -> None:
     """Put `new_module` where `parent.<child_name>` was."""
     setattr(parent, child_name, new_module)
+
+
+def input_embedding_name(model: nn.Module) -> Optional[str]:
+    """The module path of `model.get_input_embeddings()` (transformers models), else None."""
+    if not hasattr(model, "get_input_embeddings"):
+        return None
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((name for name, module in model.named_modules() if module is embeddings), None)
+
+
+def tied_module_names(model: nn.Module, embedding: nn.Module) -> list[str]:
+    """Modules whose weight is the embedding's (an output layer under `tie_word_embeddings`)."""
+    config = getattr(model, "config", None)  # transformers' switch for tying input and output embeddings
+    if not getattr(config, "tie_word_embeddings", False):
+        return []
+    weight = embedding.weight
+    return [
+        name
+        for name, module in model.named_modules()
+        if module is not embedding and isinstance(module, nn.Linear) and module.weight is weight
+    ]

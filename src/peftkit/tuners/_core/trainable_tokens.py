@@ -25,6 +25,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from .layer import BaseTunerLayer
+from .module_tree import input_embedding_name
 from .modules_to_save import AuxiliaryWrapper
 
 
@@ -265,21 +266,4 @@ def token_targets(model: nn.Module, trainable_token_indices: Any) -> dict[str, l
     """{module name: row indices} from a config's `trainable_token_indices` (a list means the input embedding)."""
     if isinstance(trainable_token_indices, dict):
         return dict(trainable_token_indices)
-    name = "embed_tokens"
-    if hasattr(model, "get_input_embeddings"):
-        embeddings = model.get_input_embeddings()
-        name = next((n for n, m in model.named_modules() if m is embeddings), name)
-    return {name: trainable_token_indices}
-
-
-def tied_module_names(model: nn.Module, embedding: nn.Module) -> list[str]:
-    """Modules whose weight is the embedding's (an output layer under `tie_word_embeddings`)."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "tie_word_embeddings", False):
-        return []
-    weight = embedding.weight
-    return [
-        name
-        for name, module in model.named_modules()
-        if module is not embedding and isinstance(module, nn.Linear) and module.weight is weight
-    ]
+    return {input_embedding_name(model) or "embed_tokens": trainable_token_indices}

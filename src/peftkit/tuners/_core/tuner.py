@@ -30,9 +30,9 @@ from ...utils.adapter_names import validate_adapter_name
 from .base_layers import record_layout
 from .layer import BaseTunerLayer
 from .matching import describe_unmatched, is_targeted, key_matches
-from .module_tree import get_submodules, replace_module
+from .module_tree import get_submodules, replace_module, tied_module_names
 from .modules_to_save import AuxiliaryWrapper, ModulesToSaveWrapper
-from .trainable_tokens import TrainableTokensWrapper, tied_module_names, token_targets
+from .trainable_tokens import TrainableTokensWrapper, token_targets
 
 AdapterLike = Union[BaseTunerLayer, AuxiliaryWrapper]
 
@@ -380,6 +380,18 @@ class BaseTuner(nn.Module):
                     for tensor in module.adapter_tensors(name):
                         tensor.requires_grad_(True)
             self._mark_extra_trainable(config)
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Gradients of the named adapters' trainable tensors on or off (frozen factors stay frozen)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_adapter_exists(names)
+        for _, module in self.adapter_modules():
+            if isinstance(module, BaseTunerLayer):
+                tensors = list(module.trainable_adapter_params(names))
+            else:
+                tensors = [t for name in names if name in module.held_adapters() for t in module.adapter_tensors(name)]
+            for tensor in tensors:
+                tensor.requires_grad_(requires_grad)
 
     # ------------------------------------------------------------------ switching
     def _check_adapter_exists(self, adapter_names: list[str], missing_phrase: str = "does not exist") -> None:

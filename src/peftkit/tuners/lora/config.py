@@ -105,7 +105,6 @@ class LoraConfig(PeftConfig):
         "use_bdlora": None,
         "arrow_config": None,
         "kasa_config": None,
-        "ensure_weight_tying": False,
     }
 
     def __post_init__(self) -> None:

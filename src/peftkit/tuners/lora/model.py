@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from .layer import SUPPORTED_LAYERS, LoraLayer, dispatch_conv, dispatch_embeddin
 from .mha import dispatch_mha
 from .mixed_batch import check_names
 from .param_wrapper import ParamWrapper, existing_wrapper, parameter_targets
+from .tied import apply_weight_tying, plan_weight_tying, tied_output_names
 from .weighted import add_weighted_adapter
 
 
@@ -60,7 +62,18 @@ class LoraModel(BaseTuner):
         return super()._prepare_adapter_config(config)
 
     def _inject(self, adapter_name: str, config: LoraConfig, targets: Any = None) -> None:
-        """Wrap the modules `target_modules` selects, then the parameters `target_parameters` names."""
+        """Wrap the modules `target_modules` selects, the parameters `target_parameters` names, and tie
+        output layers to the embedding (`ensure_weight_tying`, see `tied.py`)."""
+        plan = plan_weight_tying(self.model, config) if hasattr(self.model, "get_input_embeddings") else None
+        if plan is not None:
+            config = plan.config
+            if targets is not None:  # a state dict names the tied layers too: they are tied, not wrapped
+                targets = set(targets) - set(plan.tied_targets)
+        self._inject_targets(adapter_name, config, targets)
+        if plan is not None:
+            apply_weight_tying(self, adapter_name, plan)
+
+    def _inject_targets(self, adapter_name: str, config: LoraConfig, targets: Any = None) -> None:
         if not config.target_parameters:
             return super()._inject(adapter_name, config, targets)
         if targets is not None:
@@ -169,9 +182,14 @@ class LoraModel(BaseTuner):
     def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
         # With bias="all", peft also writes the head's `original_module.bias` and an adapter-less
         # `modules_to_save.bias`; neither is used in forward (the copy's `<head>.bias` is).
+        tolerated: tuple[str, ...] = ()
         if self.peft_config[adapter_name].bias == "all":
-            return (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
-        return ()
+            tolerated += (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
+        # peft writes a tied output layer's (views of the embedding's) factors, and on reloading a config
+        # whose embedding is not named `embed_tokens` it does not tie again and ignores them; so do we.
+        for name in tied_output_names(self.model):
+            tolerated += (rf"(.*\.)?{re.escape(name)}\.lora_[AB]\.weight$",)
+        return tolerated
 
     @contextmanager
     def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
