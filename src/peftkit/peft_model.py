@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -204,28 +204,36 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mixed_batch(kwargs):
+        with self._call_context(args, kwargs):
             return self.base_model(*args, **kwargs)
 
     def _forward_named(self, **kwargs: Any) -> Any:
         """Call the base model with the named arguments that were given (None ones dropped)."""
-        with self._mixed_batch(kwargs):
+        with self._call_context((), kwargs):
             return self.base_model(**{k: v for k, v in kwargs.items() if v is not None})
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """`generate` of the base model; `adapter_names=[...]` picks an adapter per row."""
-        with self._mixed_batch(kwargs):
+        with self._call_context(args, kwargs):
             return self.base_model.generate(*args, **kwargs)  # prompt learning adds its virtual tokens
 
-    def _mixed_batch(self, kwargs: dict[str, Any]) -> AbstractContextManager:
-        """Pop `adapter_names` from `kwargs`: a per-row adapter choice for this call (methods with "mixed_batch")."""
+    @contextmanager
+    def _call_context(self, args: tuple, kwargs: dict[str, Any]) -> Iterator[None]:
+        """Per-call state, popped from `kwargs` on entering: `adapter_names` (a per-row adapter, for methods
+        with "mixed_batch") and what the tuner reads per call (`per_call_context`, e.g. LoRA's `alora_offsets`)."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
-            return nullcontext()
-        spec = method_spec(self.peft_type)
-        if "mixed_batch" not in spec.capabilities:
-            raise ConfigError(f"adapter_names (mixed-adapter batches) is not supported for {spec.display_name} adapters.")
-        return self.base_model.mixed_batch(adapter_names)
+        with ExitStack() as stack:
+            if adapter_names is not None:
+                spec = method_spec(self.peft_type)
+                if "mixed_batch" not in spec.capabilities:
+                    raise ConfigError(
+                        f"adapter_names (mixed-adapter batches) is not supported for {spec.display_name} adapters."
+                    )
+                stack.enter_context(self.base_model.mixed_batch(adapter_names))
+            per_call = getattr(self.base_model, "per_call_context", None)
+            if per_call is not None:
+                stack.enter_context(per_call(args, kwargs))
+            yield
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(

@@ -98,7 +98,6 @@ class LoraConfig(PeftConfig):
         "corda_config": None,
         "lora_ga_config": None,
         "velora_config": None,
-        "alora_invocation_tokens": None,
         "use_qalora": False,
         "monteclora_config": None,
         "layer_replication": None,
@@ -128,6 +127,18 @@ class LoraConfig(PeftConfig):
         for key, alpha in self.alpha_pattern.items():
             check_positive_number(alpha, f"alpha_pattern[{key!r}]")
         _check_token_indices(self.trainable_token_indices)
+        if self.alora_invocation_tokens is not None:
+            tokens = self.alora_invocation_tokens
+            if not isinstance(tokens, (list, tuple)) or not tokens or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens
+            ):
+                raise ConfigError(
+                    f"alora_invocation_tokens={tokens!r} is invalid; pass the token ids of the invocation string, "
+                    "e.g. tokenizer.encode('<|assistant|>', add_special_tokens=False)."
+                )
+            self.alora_invocation_tokens = list(tokens)
+            if str(self.task_type) != "CAUSAL_LM":
+                warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=3)
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.target_parameters is not None:

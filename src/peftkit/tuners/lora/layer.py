@@ -49,6 +49,7 @@ from .._core.base_layers import (
 )
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
+from .alora import ALoraVariant
 from .dora import DoraVariant
 from .fused import fast_dropout, fast_mask_supported, lora_linear, low_rank_delta
 from .mixed_batch import linear_delta, looped_delta, uniform_adapter
@@ -68,6 +69,9 @@ class LoraLayer(BaseTunerLayer):
     drops_input: ClassVar[bool] = True
     #: Whether B may carry a bias (`lora_bias=True`, peft's option): B is a module with a bias here.
     supports_lora_bias: ClassVar[bool] = True
+    #: What `use_alora=True` (aLoRA, `alora.py`) does here: "variant" (masked per token), "plain"
+    #: (ignored, as peft does for embeddings) or None (refused).
+    alora_support: ClassVar[Optional[str]] = None
 
     def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
@@ -91,6 +95,8 @@ class LoraLayer(BaseTunerLayer):
         self.frozen_factors: dict[str, tuple[str, ...]] = {}
         # Set for one call by `LoraModel.mixed_batch`: the adapter of each batch row.
         self.batch_adapter_names: Optional[tuple[str, ...]] = None
+        # Set for one call by `LoraModel.per_call_context`: aLoRA's per-row offsets (see `alora.py`).
+        self.alora_offsets: Optional[list[Optional[int]]] = None
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
@@ -105,6 +111,7 @@ class LoraLayer(BaseTunerLayer):
         use_rslora: bool = False,
         use_dora: bool = False,
         lora_bias: bool = False,
+        use_alora: bool = False,
     ) -> None:
         """Add (or replace) adapter `adapter_name` on this layer.
 
@@ -113,6 +120,12 @@ class LoraLayer(BaseTunerLayer):
         merging adds `scaling * b_B` to the base bias.
         """
         check_rank(r, "r")
+        if use_alora and (use_dora or self.alora_support is None):
+            what = "DoRA adapters" if use_dora else f"{type(self.get_base_layer()).__name__} layers"
+            raise ConfigError(
+                f"aLoRA (alora_invocation_tokens) does not support adapting {what}; exclude this module "
+                "via exclude_modules, or drop alora_invocation_tokens."
+            )
         if lora_bias and not self.supports_lora_bias:
             raise ConfigError(f"lora_bias=True is not supported for {type(self).__name__} layers; exclude this module.")
         if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
@@ -141,6 +154,8 @@ class LoraLayer(BaseTunerLayer):
             # After the init above: DoRA's magnitude starts at the norm of the initialised weight.
             self.lora_variant[adapter_name] = DoraVariant()
             self.lora_variant[adapter_name].init(self, adapter_name)
+        elif use_alora and self.alora_support == "variant":
+            self.lora_variant[adapter_name] = ALoraVariant()
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
@@ -357,6 +372,8 @@ class LoraLayer(BaseTunerLayer):
 class Linear(LoraLayer, nn.Module):
     """LoRA on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
 
+    alora_support = "variant"
+
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: Optional[bool] = None, **lora_kwargs: Any
     ):
@@ -473,6 +490,7 @@ class Embedding(LoraLayer, nn.Module):
 
     drops_input = False
     supports_lora_bias = False  # A and B are bare tables, as in peft
+    alora_support = "plain"  # as peft: an embedding's LoRA acts at every position
 
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, **lora_kwargs: Any):
         super().__init__()

@@ -64,6 +64,8 @@ class MultiheadAttention(LoraLayer, nn.Module):
             )
         if lora_kwargs.get("use_dora"):
             raise ConfigError("MultiheadAttention does not support DoRA (yet), please set use_dora to False.")
+        if lora_kwargs.get("use_alora"):
+            raise ConfigError("MultiheadAttention does not support aLoRA (yet), please drop alora_invocation_tokens.")
         if not isinstance(base_layer.out_proj, nn.Linear):
             raise TypeError("out_proj must be an instance of nn.Linear for MultiheadAttention.")
         super().__init__()

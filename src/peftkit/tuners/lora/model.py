@@ -24,6 +24,7 @@ from .constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
 from .init import is_valid_base_weight_init
 from .layer import SUPPORTED_LAYERS, LoraLayer, dispatch_conv, dispatch_embedding, dispatch_linear
 from .mha import dispatch_mha
+from .alora import calculate_offsets
 from .mixed_batch import check_names
 from .param_wrapper import ParamWrapper, existing_wrapper, parameter_targets
 from .tied import apply_weight_tying, plan_weight_tying, tied_output_names
@@ -52,6 +53,7 @@ class LoraModel(BaseTuner):
             "use_rslora": config.use_rslora,
             "use_dora": config.use_dora,
             "lora_bias": config.lora_bias,
+            "use_alora": bool(config.alora_invocation_tokens),
         }
 
     def _prepare_adapter_config(self, config: LoraConfig) -> LoraConfig:
@@ -203,6 +205,11 @@ class LoraModel(BaseTuner):
             raise AdapterStateError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
+        if any(self.peft_config[n].alora_invocation_tokens for n in set(adapter_names) & set(self.peft_config)):
+            raise ConfigError(
+                "Mixed-adapter batches do not support aLoRA adapters (alora_invocation_tokens) yet; run them one "
+                "adapter at a time."
+            )
         if any(getattr(self.peft_config[n], "use_dora", False) for n in set(adapter_names) & set(self.peft_config)):
             raise ConfigError(
                 "Cannot pass `adapter_names` when DoRA is enabled. Mixed-adapter batches do not support DoRA "
@@ -217,6 +224,31 @@ class LoraModel(BaseTuner):
         finally:
             for module in modules:
                 module.batch_adapter_names = None
+
+    @contextmanager
+    def per_call_context(self, args: tuple, kwargs: dict[str, Any]) -> Iterator[None]:
+        """For one forward / generate call: aLoRA's per-row offsets (`alora.py`), taken from
+        `kwargs["alora_offsets"]` or found in the call's `input_ids`; nothing when no aLoRA is active."""
+        offsets = kwargs.pop("alora_offsets", None)
+        active = [name for name in self.active_adapters if name in self.peft_config]
+        if not any(self.peft_config[name].alora_invocation_tokens for name in active):
+            yield
+            return
+        if offsets is None:
+            input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            if input_ids is None:
+                warnings.warn("Cannot calculate aLoRA offsets without input_ids. Disabling aLoRA for this call.", stacklevel=4)
+            else:
+                ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+                offsets = calculate_offsets(self.peft_config, active[0], ids)
+        layers = [layer for _, layer in self.tuner_layers() if isinstance(layer, LoraLayer)]
+        for layer in layers:
+            layer.alora_offsets = offsets
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.alora_offsets = None
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         """Add `adapter_name`, a weighted combination of `adapters` (see `weighted.add_weighted_adapter`).
