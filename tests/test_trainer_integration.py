@@ -1,4 +1,5 @@
-"""peftkit models under transformers' `Trainer` and TRL's `SFTTrainer` (adapter-only checkpoints)."""
+"""peftkit models under transformers' own `Trainer` and TRL's `SFTTrainer`, user code unchanged
+(adapter-only checkpoints, resume, load-best; see integrations/recognition.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.integrations import PeftkitTrainer
 from peftkit.utils.hf_compat import checkpointing_argument
 
 from .cli_helpers import save_tiny_models
@@ -59,7 +59,9 @@ def test_trainer_checkpoints_hold_the_adapter_only_and_best_model_reloads(tiny, 
     args = _args(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
                  load_best_model_at_end=True, metric_for_best_model="eval_loss", **_checkpointing_on())
     model = _seq_cls_model(tiny["bert"])
-    trainer = PeftkitTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+    from transformers import Trainer
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)))
     trainer.train()
     for step in (2, 4):
         files = set(os.listdir(tmp_path / f"checkpoint-{step}"))
@@ -74,22 +76,85 @@ def test_trainer_checkpoints_hold_the_adapter_only_and_best_model_reloads(tiny, 
     trainer.save_model(str(tmp_path / "final"))
     assert set(os.listdir(tmp_path / "final")) >= {"adapter_config.json", "adapter_model.safetensors"}
     assert not (tmp_path / "final" / "model.safetensors").exists()
+    # the checkpoint holds the adapter (+ the trained head) only: small, and loads in peft with the same logits
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "final" / "adapter_model.safetensors"))
+    assert keys and all(".lora_" in k or ".classifier." in k for k in keys), sorted(keys)[:5]
+    assert os.path.getsize(tmp_path / "final" / "adapter_model.safetensors") < 200_000
+    import peft
+
+    from transformers import AutoModelForSequenceClassification
+
+    theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny["bert"]), str(tmp_path / "final"))
+    theirs.eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs(**batch).logits, model(**batch).logits, atol=1e-5)
 
 
 def test_trainer_resumes_from_an_adapter_checkpoint(tiny, tmp_path) -> None:
     data = _dataset(tiny["bert"])
-    first = PeftkitTrainer(model=_seq_cls_model(tiny["bert"]), args=_args(tmp_path, max_steps=2, save_steps=2), train_dataset=data)
+    from transformers import Trainer
+
+    first = Trainer(model=_seq_cls_model(tiny["bert"]), args=_args(tmp_path, max_steps=2, save_steps=2), train_dataset=data)
     first.train()
     saved = PeftModel.from_pretrained(_seq_cls_model(tiny["bert"]).get_base_model(), tmp_path / "checkpoint-2")
     resumed_model = _seq_cls_model(tiny["bert"])
-    resumed = PeftkitTrainer(model=resumed_model, args=_args(tmp_path, max_steps=3, save_steps=3), train_dataset=data)
+    resumed = Trainer(model=resumed_model, args=_args(tmp_path, max_steps=3, save_steps=3), train_dataset=data)
     resumed._load_from_checkpoint(str(tmp_path / "checkpoint-2"))  # the hook `train(resume_from_checkpoint=)` uses
     saved_state = {k: v for k, v in saved.state_dict().items() if "lora_" in k or "classifier" in k}
     current = resumed_model.state_dict()
     assert saved_state and all(torch.equal(current[k], v) for k, v in saved_state.items())
-    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    resumed.train(resume_from_checkpoint=True)  # the latest checkpoint in output_dir
     assert resumed.state.global_step == 3
     assert "adapter_model.safetensors" in os.listdir(tmp_path / "checkpoint-3")
+
+
+def test_a_trainer_that_overrides_save_warns_instead_of_writing_full_checkpoints_silently(tiny, tmp_path) -> None:
+    from transformers import Trainer
+
+    class OwnSave(Trainer):
+        def _save(self, output_dir=None, state_dict=None):
+            super()._save(output_dir, state_dict)
+
+    model = _seq_cls_model(tiny["bert"])
+    with pytest.warns(UserWarning, match="OwnSave overrides Trainer._save"):
+        OwnSave(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_dataset(tiny["bert"], 8))
+
+
+def test_models_that_are_not_peftkit_models_keep_trainers_own_behaviour(tiny, tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification, Trainer
+
+    from peftkit.integrations.recognition import is_installed
+
+    assert is_installed("transformers.trainer") and is_installed("transformers.trainer_utils")
+    plain = AutoModelForSequenceClassification.from_pretrained(tiny["bert"])
+    trainer = Trainer(model=plain, args=_args(tmp_path, max_steps=1), train_dataset=_dataset(tiny["bert"], 8))
+    trainer.save_model(str(tmp_path / "plain"))
+    assert (tmp_path / "plain" / "model.safetensors").exists()
+    assert not (tmp_path / "plain" / "adapter_config.json").exists()
+    import peft
+
+    from transformers.trainer_utils import _is_peft_model
+
+    peft_model = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny["bert"]), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    assert _is_peft_model(peft_model) and _is_peft_model(_seq_cls_model(tiny["bert"])) and not _is_peft_model(plain)
+
+
+@pytest.mark.parametrize("order", ["peftkit first", "transformers first"])
+def test_recognition_is_installed_whatever_the_import_order(order) -> None:
+    import subprocess
+    import sys
+
+    imports = ["import peftkit", "import transformers.trainer"]
+    if order == "transformers first":
+        imports.reverse()
+    code = "; ".join(imports + [
+        "from peftkit.integrations.recognition import is_installed",
+        "import transformers.trainer as t",
+        "assert is_installed() and getattr(t.Trainer._save, '__peftkit_recognition__', False)",
+    ])
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 def test_trl_sft_trainer_with_a_peftkit_model(tiny, tmp_path) -> None:
     pytest.importorskip("trl")

@@ -66,6 +66,10 @@ from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_mo
 from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .utils.other import cast_mixed_precision_params, shift_tokens_right
 from .utils.peft_types import PeftType, TaskType
+from .integrations.recognition import install as _install_trainer_recognition
+
+# transformers' Trainer treats peftkit models as peft models from here on (integrations/recognition.py).
+_install_trainer_recognition()
 
 __version__ = "0.1.0"
 

@@ -1,21 +1,20 @@
-"""transformers `Trainer` support: adapter-only checkpoints, resume and `load_best_model_at_end`.
+"""transformers `Trainer` with peftkit models: adapter-only checkpoints, resume and `load_best_model_at_end`.
 
-`Trainer` recognises only Hugging Face peft's `PeftModel` (`_is_peft_model`); given a peftkit model
-it would save the whole state dict (frozen base included) and could not resume from an adapter
-folder. `PeftkitTrainerMixin` overrides the three hooks involved:
+What `Trainer` does for a peftkit model instead of its defaults (installed behind Trainer's own
+methods by `recognition.py`, so user code needs no peftkit class):
 
     _save                   -> model.save_pretrained(dir): adapter_config.json + adapter_model.safetensors
-    _load_from_checkpoint   -> load the adapter weights of `checkpoint-N/` into the active adapter
+    _load_from_checkpoint   -> load the adapter weights of `checkpoint-N/` into the adapters
     _load_best_model        -> the same, from `state.best_model_checkpoint`
+    train                   -> activation checkpointing enabled on the transformers model inside
 
-Use `PeftkitTrainer` in place of `Trainer`, or `with_peftkit(SomeTrainer)` for another Trainer
-subclass (e.g. TRL's `SFTTrainer`). Models that are not peftkit models fall through to `Trainer`.
+Models that are not peftkit models go to Trainer's own code unchanged.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -50,66 +49,90 @@ def load_adapter_checkpoint(model: PeftModel, checkpoint_dir: str) -> None:
         loaded = True
     if not loaded:
         raise CheckpointError(
-            f"No adapter weights in {checkpoint_dir!r}; was it written by PeftkitTrainer (adapter-only checkpoints)?"
+            f"No adapter weights in {checkpoint_dir!r}: it is not an adapter-only checkpoint of this model (written "
+            "by Trainer for a peftkit model, or by save_pretrained)."
         )
 
 
+# ---------------------------------------------------------------------- the routed Trainer methods
+# `recognition.install()` puts these behind transformers.Trainer's own methods: each gets the
+# trainer, the original method and its arguments, and only changes what happens for peftkit models.
+def routed__init__(trainer: Trainer, original: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    original(trainer, *args, **kwargs)
+    if _peftkit_model(trainer) is not None:
+        from .recognition import warn_unrecognised
+
+        warn_unrecognised(trainer)
+
+
+def routed_train(trainer: Trainer, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`Trainer.train`, enabling activation checkpointing on the base model itself for peftkit models.
+
+    Trainer calls `model.activation_checkpointing_enable(...)` (`gradient_checkpointing_enable`
+    before transformers 5.23) with options peftkit's wrapper forwards differently, so it is enabled
+    here on the transformers model and the flag hidden from Trainer for the call.
+    """
+    model = _peftkit_model(trainer)
+    flag = checkpointing_argument(trainer.args)  # the flag's name moved in transformers 5.23 (hf_compat)
+    if model is None or not getattr(trainer.args, flag):
+        return original(trainer, *args, **kwargs)
+    options = dict(getattr(trainer.args, f"{flag}_kwargs", None) or {})
+    extra = {key: options.pop(key) for key in ("every_n_layers", "offload") if key in options}
+    enable_activation_checkpointing(model.get_base_model(), options or None, **extra)
+    model._enable_input_require_grads()
+    setattr(trainer.args, flag, False)
+    try:
+        return original(trainer, *args, **kwargs)
+    finally:
+        setattr(trainer.args, flag, True)
+
+
+def routed_save(
+    trainer: Trainer, original: Callable[..., None], output_dir: Optional[str] = None, state_dict: Optional[dict] = None
+) -> None:
+    """Adapter-only checkpoints for peftkit models: `save_pretrained` (config, weights, model card)."""
+    model = _peftkit_model(trainer)
+    if model is None:
+        return original(trainer, output_dir, state_dict)
+    output_dir = output_dir if output_dir is not None else trainer.args.output_dir
+    if not trainer.args.should_save:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    # The full `state_dict` Trainer may pass is not needed: the adapter is read from the model.
+    model.save_pretrained(output_dir, is_main_process=trainer.args.should_save)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(output_dir)
+    torch.save(trainer.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+
+def routed_load_from_checkpoint(
+    trainer: Trainer, original: Callable[..., None], resume_from_checkpoint: str, model: Optional[nn.Module] = None
+) -> None:
+    peft_model = _peftkit_model(trainer, model)
+    if peft_model is None:
+        return original(trainer, resume_from_checkpoint, model)
+    load_adapter_checkpoint(peft_model, resume_from_checkpoint)
+
+
+def routed_load_best_model(trainer: Trainer, original: Callable[..., None]) -> None:
+    peft_model = _peftkit_model(trainer)
+    if peft_model is None:
+        return original(trainer)
+    load_adapter_checkpoint(peft_model, trainer.state.best_model_checkpoint)
+
+
+class PeftkitTrainer(Trainer):
+    """`transformers.Trainer` itself handles peftkit models since `import peftkit` (`recognition.py`);
+    this name is kept for code written against earlier peftkit versions."""
+
+
+#: Kept for code written against earlier peftkit versions: plain Trainer subclasses handle peftkit
+#: models already, so the mixin adds nothing.
 class PeftkitTrainerMixin:
-    """Mix into any `transformers.Trainer` subclass (before it) to save and load adapter-only checkpoints."""
-
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, enabling activation checkpointing on the base model itself for peftkit models.
-
-        Trainer calls `model.activation_checkpointing_enable(activation_checkpointing_kwargs=...,
-        every_n_layers=..., offload=...)`; peftkit's `PeftModel` alias of that method takes
-        `gradient_checkpointing_kwargs` instead, so we enable it here and hide the flag from Trainer.
-        """
-        model = _peftkit_model(self)
-        flag = checkpointing_argument(self.args)  # the flag's name moved in transformers 5.23 (hf_compat)
-        if model is None or not getattr(self.args, flag):
-            return super().train(*args, **kwargs)  # type: ignore[misc]
-        options = dict(getattr(self.args, f"{flag}_kwargs", None) or {})
-        extra = {key: options.pop(key) for key in ("every_n_layers", "offload") if key in options}
-        enable_activation_checkpointing(model.get_base_model(), options or None, **extra)
-        model._enable_input_require_grads()
-        setattr(self.args, flag, False)
-        try:
-            return super().train(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            setattr(self.args, flag, True)
-
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        model = _peftkit_model(self)
-        if model is None:
-            return super()._save(output_dir, state_dict)  # type: ignore[misc]
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        # The full `state_dict` Trainer may pass is not needed: the adapter is read from the model.
-        model.save_pretrained(output_dir, is_main_process=self.args.should_save)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        peft_model = _peftkit_model(self, model)
-        if peft_model is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-        load_adapter_checkpoint(peft_model, resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        peft_model = _peftkit_model(self)
-        if peft_model is None:
-            return super()._load_best_model()  # type: ignore[misc]
-        load_adapter_checkpoint(peft_model, self.state.best_model_checkpoint)
-
-
-class PeftkitTrainer(PeftkitTrainerMixin, Trainer):
-    """`transformers.Trainer` that writes and reads adapter-only checkpoints for peftkit models."""
+    """Deprecated no-op: transformers' Trainer (and its subclasses) handle peftkit models since `import peftkit`."""
 
 
 def with_peftkit(trainer_cls: type) -> type:
-    """A subclass of `trainer_cls` (e.g. trl's `SFTTrainer`) with peftkit checkpoint handling."""
-    return type(f"Peftkit{trainer_cls.__name__}", (PeftkitTrainerMixin, trainer_cls), {})
-
+    """`trainer_cls` itself: every Trainer subclass handles peftkit models since `import peftkit` (kept for
+    code written against earlier peftkit versions)."""
+    return trainer_cls
