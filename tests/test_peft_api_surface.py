@@ -67,7 +67,8 @@ def test_mappings_follow_the_registry():
     assert "NOT_A_METHOD" not in peftkit.PEFT_TYPE_TO_CONFIG_MAPPING
     with pytest.raises(KeyError):
         peftkit.PEFT_TYPE_TO_TUNER_MAPPING["NOT_A_METHOD"]
-    assert len(peftkit.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == 0  # no PeftMixedModel (yet)
+    # the methods a PeftMixedModel combines (mixed_model.COMPATIBLE_TUNER_TYPES)
+    assert set(peftkit.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == {"LORA", "LOHA", "LOKR"}
 
 
 def test_mappings_see_a_method_registered_later(monkeypatch):

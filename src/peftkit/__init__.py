@@ -42,6 +42,7 @@ from .mapping import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .mixed_model import PeftMixedModel
 from .optimizers import create_loraplus_optimizer
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -106,6 +107,7 @@ __all__ = [
     "PEFT_TYPE_TO_TUNER_MAPPING",
     "PeftConfig",
     "PeftError",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

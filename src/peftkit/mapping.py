@@ -42,7 +42,10 @@ def get_peft_model(
     if isinstance(model, PeftModel):
         raise ConfigError("This model is a PeftModel already; add more adapters with model.add_adapter(name, config).")
     if mixed:
-        raise ConfigError("mixed=True (PeftMixedModel) is not supported yet; use one method per model.")
+        from .mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, dataclasses.replace(peft_config, base_model_name_or_path=base_model_name(model)),
+                              adapter_name=adapter_name)
     updates: dict[str, Any] = {"base_model_name_or_path": base_model_name(model)}
     if revision is not None:
         updates["revision"] = revision
@@ -138,8 +141,8 @@ PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[Any, type] = RegistryMapping("PEFT_TYPE_TO_
 PEFT_TYPE_TO_TUNER_MAPPING: Mapping[Any, type] = RegistryMapping("PEFT_TYPE_TO_TUNER_MAPPING", lambda s: s.tuner_cls)
 #: peft_type -> checkpoint-key prefix of the method's tensors (`"lora_"`, ...).
 PEFT_TYPE_TO_PREFIX_MAPPING: Mapping[Any, str] = RegistryMapping("PEFT_TYPE_TO_PREFIX_MAPPING", lambda s: s.prefix)
-#: peft_type -> tuner class usable in a `PeftMixedModel`. peftkit has no mixed model yet
-#: (`get_peft_model(mixed=True)` is refused), so no method is listed.
+#: peft_type -> tuner class usable in a `PeftMixedModel` (LoRA, LoHa, LoKr; see mixed_model.py).
 PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[Any, type] = RegistryMapping(
-    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING", lambda s: s.tuner_cls, include=lambda _: False
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING", lambda s: s.tuner_cls,
+    include=lambda s: str(s.peft_type) in ("LORA", "LOHA", "LOKR"),
 )
