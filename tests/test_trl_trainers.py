@@ -151,3 +151,18 @@ def test_reward_trainer_saves_the_adapter_and_the_score_head(tiny, tokenizer, tm
     assert isinstance(trainer.model, PeftModel)
     trainer.train()
     _assert_adapter_only(tmp_path / "checkpoint-2", extra_prefixes=(".score.",))
+
+
+def test_peft_configs_still_build_peft_models(tiny, tokenizer, tmp_path) -> None:
+    """The patch only adds peftkit: a peft config given to TRL still gives a peft model and checkpoint."""
+    import peft
+    from trl import SFTConfig, SFTTrainer
+
+    data = datasets.Dataset.from_list([{"prompt": f"q {i}?", "completion": " two"} for i in range(8)])
+    args = SFTConfig(**_common(tmp_path, max_steps=2, max_length=32))
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
+    trainer = SFTTrainer(model=str(tiny["llama"]), args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=config)
+    assert isinstance(trainer.model, peft.PeftModel) and not isinstance(trainer.model, PeftModel)
+    trainer.train()
+    _assert_adapter_only(tmp_path / "checkpoint-2")
