@@ -15,7 +15,11 @@ included, goes to the original code unchanged:
 
 - each module's `_is_peft_model` also answers True for a peftkit `PeftModel`;
 - `Trainer._save`, `_load_from_checkpoint`, `_load_best_model` and `train` go through
-  `trainer.py`'s adapter-only checkpoint functions for peftkit models.
+  `trainer.py`'s adapter-only checkpoint functions for peftkit models;
+- TRL's modules (`trl.*`): their peft names accept peftkit's classes, `get_peft_model` builds a
+  peftkit model for a peftkit config, `is_peft_model` recognises peftkit models;
+- transformers' adapter API on a base model (`model.load_adapter(path)`, `add_adapter`, ...) is
+  done by peftkit (`adapter_api.py`) where transformers cannot use peft (absent or too old).
 
 A module imported later is patched when it is imported (a `sys.meta_path` hook). Where the patch
 cannot apply -- an unknown transformers layout, or a Trainer subclass that overrides `_save` itself --
@@ -38,7 +42,7 @@ PEFT_CHECK_MODULES = ("transformers.trainer_utils", "transformers.trainer", "tra
 TRAINER_MODULE = "transformers.trainer"
 #: The Trainer methods routed to peftkit's checkpoint functions for peftkit models.
 TRAINER_METHODS = ("_save", "_load_from_checkpoint", "_load_best_model", "train", "__init__")
-WATCHED = frozenset(PEFT_CHECK_MODULES)
+WATCHED = frozenset(PEFT_CHECK_MODULES + ("transformers.integrations.peft",))
 #: TRL modules (any `trl.*`) are patched too: their module-level peft names (below) learn peftkit's classes.
 WATCHED_PREFIXES = ("trl.",)
 _MARK = "__peftkit_recognition__"
@@ -88,6 +92,8 @@ def _patch(module: ModuleType) -> None:
             setattr(module, check, _recognising(original))
     if module.__name__.startswith(WATCHED_PREFIXES):
         _patch_trl(module)
+    if module.__name__ == ADAPTER_API_MODULE:
+        _patch_adapter_api(module)
     if module.__name__ == TRAINER_MODULE:
         trainer_cls = getattr(module, "Trainer", None)
         if trainer_cls is None or not all(hasattr(trainer_cls, name) for name in TRAINER_METHODS):
@@ -217,3 +223,33 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+# ---------------------------------------------------------------------- transformers' adapter API on a base model
+ADAPTER_API_MODULE = "transformers.integrations.peft"
+
+
+def _peft_usable(min_version: str) -> bool:
+    """Whether transformers can use the installed peft for its adapter API (installed, new enough)."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    try:
+        return Version(metadata.version("peft")) >= Version(min_version)
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def _patch_adapter_api(module: ModuleType) -> None:
+    """`model.load_adapter(path)`, `add_adapter`, `set_adapter`, ... of transformers' `PeftAdapterMixin`,
+    done with peftkit where transformers cannot use peft (absent, or older than it asks for: 5.24 asks
+    for peft >= 0.22). With a usable peft installed, transformers' own code stays."""
+    mixin = getattr(module, "PeftAdapterMixin", None)
+    if mixin is None or getattr(mixin, _MARK, False) or _peft_usable(getattr(module, "MIN_PEFT_VERSION", "0")):
+        return
+    from . import adapter_api
+
+    for name in adapter_api.METHODS:
+        setattr(mixin, name, getattr(adapter_api, name))
+    setattr(mixin, _MARK, True)
