@@ -166,3 +166,42 @@ def test_peft_configs_still_build_peft_models(tiny, tokenizer, tmp_path) -> None
     assert isinstance(trainer.model, peft.PeftModel) and not isinstance(trainer.model, PeftModel)
     trainer.train()
     _assert_adapter_only(tmp_path / "checkpoint-2")
+
+
+HIDE_PEFT = """
+import importlib.metadata, importlib.util, sys
+_find_spec, _version = importlib.util.find_spec, importlib.metadata.version
+def find_spec(name, *args, **kwargs):
+    return None if name == "peft" or name.startswith("peft.") else _find_spec(name, *args, **kwargs)
+def version(name):
+    if name == "peft":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return _version(name)
+importlib.util.find_spec, importlib.metadata.version = find_spec, version
+sys.modules["peft"] = None  # `import peft` fails, as on a machine without it
+"""
+
+
+def test_sft_with_a_peftkit_config_when_peft_is_not_installed(tiny, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = HIDE_PEFT + f"""
+import os
+import datasets, peftkit
+from transformers.utils import is_peft_available
+from trl import SFTConfig, SFTTrainer
+assert not is_peft_available()
+data = datasets.Dataset.from_list([{{"prompt": f"q {{i}}?", "completion": " two"}} for i in range(8)])
+args = SFTConfig(output_dir={str(tmp_path)!r}, max_steps=2, save_steps=2, per_device_train_batch_size=4, max_length=32,
+                 report_to=[], use_cpu=True, disable_tqdm=True)
+trainer = SFTTrainer(model={str(tiny["llama"])!r}, args=args, train_dataset=data,
+                     peft_config=peftkit.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+assert isinstance(trainer.model, peftkit.PeftModel), type(trainer.model)
+trainer.train()
+files = set(os.listdir({str(tmp_path / "checkpoint-2")!r}))
+assert "adapter_model.safetensors" in files and "model.safetensors" not in files, files
+"""
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

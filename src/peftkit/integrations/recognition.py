@@ -17,7 +17,8 @@ included, goes to the original code unchanged:
 - `Trainer._save`, `_load_from_checkpoint`, `_load_best_model` and `train` go through
   `trainer.py`'s adapter-only checkpoint functions for peftkit models;
 - TRL's modules (`trl.*`): their peft names accept peftkit's classes, `get_peft_model` builds a
-  peftkit model for a peftkit config, `is_peft_model` recognises peftkit models;
+  peftkit model for a peftkit config, `is_peft_model` recognises peftkit models; without peft
+  installed, peftkit provides those names and TRL's `is_peft_available` answers True;
 - transformers' adapter API on a base model (`model.load_adapter(path)`, `add_adapter`, ...) is
   done by peftkit (`adapter_api.py`) where transformers cannot use peft (absent or too old).
 
@@ -132,6 +133,30 @@ def _patch_trl(module: ModuleType) -> None:
     original = module.__dict__.get("get_peft_model")
     if callable(original) and not getattr(original, _MARK, False):
         module.__dict__["get_peft_model"] = _building(original)
+    if "is_peft_available" in module.__dict__ and not _peft_installed():
+        # Without peft, TRL skipped `from peft import ...` and refuses `peft_config=`: peftkit takes its place.
+        module.__dict__["is_peft_available"] = _peftkit_available
+        for name, cls in {**ours, "LoraConfig": peftkit.LoraConfig}.items():
+            module.__dict__.setdefault(name, cls)
+        module.__dict__.setdefault("get_peft_model", peftkit.get_peft_model)
+        module.__dict__.setdefault("peft", peftkit)
+
+
+def _peft_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("peft") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _peftkit_available() -> bool:
+    """TRL's `is_peft_available` where peft is not installed: peftkit provides what TRL uses from it."""
+    return True
+
+
+setattr(_peftkit_available, _MARK, True)
 
 
 def _either(theirs: type, ours: type) -> type:
