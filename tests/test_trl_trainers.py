@@ -109,6 +109,11 @@ def test_dpo_uses_the_adapter_disabled_model_as_reference(tiny, tokenizer, tmp_p
     assert losses[-1] < losses[0]
     _assert_adapter_only(tmp_path / "checkpoint-4")
     _same_logits_in_peft(tiny, trainer.model, tmp_path / "checkpoint-4")
+    resumed = DPOTrainer(model=str(tiny["llama"]), args=DPOConfig(**_common(tmp_path, max_steps=6, max_length=32)),
+                         train_dataset=pairs, processing_class=tokenizer, peft_config=_lora())
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6
+    _assert_adapter_only(tmp_path / "checkpoint-6")
 
 
 def test_kto_trains_adapter_only_resumes_and_reloads(tiny, tokenizer, tmp_path) -> None:
@@ -189,6 +194,11 @@ def test_reward_trainer_learns_and_saves_the_adapter_and_the_score_head(tiny, to
     theirs = peft.PeftModel.from_pretrained(base(), str(tmp_path / "checkpoint-6")).eval()
     with torch.no_grad():
         assert torch.allclose(ours(**batch).logits, theirs(**batch).logits, atol=1e-5)
+    resumed = RewardTrainer(model=str(tiny["llama"]), args=RewardConfig(**_common(tmp_path, max_steps=8, max_length=32)),
+                            train_dataset=pairs, processing_class=tokenizer, peft_config=config)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 8
+    _assert_adapter_only(tmp_path / "checkpoint-8", extra_prefixes=(".score.",))
 
 
 def test_peft_configs_still_build_peft_models(tiny, tokenizer, tmp_path) -> None:
