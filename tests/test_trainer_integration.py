@@ -62,7 +62,9 @@ def test_trainer_checkpoints_hold_the_adapter_only_and_best_model_reloads(tiny, 
     from transformers import Trainer
 
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
     trainer.train()
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)  # all trained
     for step in (2, 4):
         files = set(os.listdir(tmp_path / f"checkpoint-{step}"))
         assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "optimizer.pt"} <= files
