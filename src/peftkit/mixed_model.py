@@ -30,6 +30,7 @@ from .checkpoint.io import hub_kwargs_of
 from .checkpoint.state_dict import adapter_tensor_map, set_peft_model_state_dict
 from .config import PeftConfig
 from .errors import AdapterNameError, ConfigError
+from .peft_model import PeftModel
 from .registry import method_spec
 from .tuners._core.tuner import BaseTuner
 from .utils.adapter_names import validate_adapter_name
@@ -111,34 +112,14 @@ class PeftMixedModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    # ------------------------------------------------------------------ state
-    @property
-    def peft_config(self) -> dict[str, PeftConfig]:
-        return self.base_model.peft_config
-
-    @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        return self.base_model.active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
-
-    @property
-    def modules_to_save(self) -> Optional[set[str]]:
-        names = {name for config in self.peft_config.values() for name in getattr(config, "modules_to_save", None) or ()}
-        return names or None
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    # ------------------------------------------------------------------ state (as a PeftModel's)
+    peft_config = PeftModel.peft_config
+    active_adapter = PeftModel.active_adapter
+    active_adapters = PeftModel.active_adapters
+    modules_to_save = PeftModel.modules_to_save
+    get_nb_trainable_parameters = PeftModel.get_nb_trainable_parameters
+    print_trainable_parameters = PeftModel.print_trainable_parameters
+    get_base_model = PeftModel.get_base_model
 
     # ------------------------------------------------------------------ calls
     def forward(self, *args: Any, **kwargs: Any) -> Any:
