@@ -79,18 +79,23 @@ def test_every_saved_folder_has_a_card(tmp_path):
 
 
 def test_card_is_written_with_the_save_atomically(tmp_path, monkeypatch):
-    """A save that fails while writing leaves neither a new card nor a new config behind."""
-    from peftkit.utils import files
+    """A save that fails while writing the card leaves neither a new card nor a new config behind."""
+    from peftkit.checkpoint import adapter_folder
 
     model = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"]))
-    real = files._atomic_write
+    real = adapter_folder.text_writer
 
-    def failing(path, write):
-        if path.endswith("README.md" + files._PENDING_SUFFIX):
-            raise OSError("disk full")
-        real(path, write)
+    def failing(text):
+        write = real(text)
 
-    monkeypatch.setattr(files, "_atomic_write", failing)
+        def maybe_fail(path):
+            if path.endswith("README.md"):
+                raise OSError("disk full")
+            write(path)
+
+        return maybe_fail
+
+    monkeypatch.setattr(adapter_folder, "text_writer", failing)
     with pytest.raises(OSError):
         model.save_pretrained(str(tmp_path))
     assert not {"README.md", "adapter_config.json", "adapter_model.safetensors"} & set(os.listdir(tmp_path))
@@ -120,4 +125,4 @@ def test_create_or_update_model_card_alone(tmp_path):
     meta, text = card_metadata(str(tmp_path))
     assert meta == {"library_name": "peft", "tags": ["lora"]}
     assert "Notes about my adapter." in text
-    assert os.listdir(tmp_path) == ["README.md"]
+    assert [name for name in os.listdir(tmp_path) if name != ".peftkit"] == ["README.md"]  # + the lock area

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import inspect
 import os
 import tempfile
@@ -354,8 +355,11 @@ def _fake_api(uploaded: dict, remote_card: str | None = None):
         uploaded["files"] = {}
         for root, _dirs, names in os.walk(folder_path):
             for name in names:
+                relative = os.path.relpath(os.path.join(root, name), folder_path)
+                if any(fnmatch.fnmatch(relative, pattern) for pattern in kwargs.get("ignore_patterns") or ()):
+                    continue  # as huggingface_hub's filter does
                 with open(os.path.join(root, name), "rb") as handle:
-                    uploaded["files"][os.path.relpath(os.path.join(root, name), folder_path)] = handle.read()
+                    uploaded["files"][relative] = handle.read()
         return "https://huggingface.co/me/adapter/commit/abc"
 
     api.hf_hub_download.side_effect = download
@@ -378,6 +382,7 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     assert uploaded["repo_id"] == "me/adapter" and uploaded["kwargs"]["commit_message"] == "msg"
     model.save_pretrained(str(tmp_path))
     local = {os.path.relpath(os.path.join(r, n), tmp_path) for r, _d, ns in os.walk(tmp_path) for n in ns}
+    local = {path for path in local if ".peftkit" not in path.split(os.sep)}  # the lock area is not uploaded
     assert set(uploaded["files"]) == local
     for name in ("adapter_config.json", "adapter_model.safetensors", os.path.join("second", "adapter_model.safetensors")):
         assert uploaded["files"][name] == (tmp_path / name).read_bytes()

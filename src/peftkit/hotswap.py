@@ -9,6 +9,8 @@ torch.compile's guards (shapes, Python constants) still hold and nothing is reco
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -69,11 +71,10 @@ def _new_scaling(config: Any, key: str) -> float:
     return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
 
 
-def _copy_padded(live: torch.Tensor, new: torch.Tensor, key: str) -> None:
-    """Copy `new` into `live`; a smaller rank fills the leading rows (A) or columns (B), zeros elsewhere."""
+def _fits(live: torch.Tensor, new: torch.Tensor, key: str) -> int:
+    """The rank dimension `new` fills in `live` (-1: same shape); a CheckpointError where it cannot fit."""
     if new.shape == live.shape:
-        live.copy_(new)
-        return
+        return -1
     rank_dim = 0 if ".lora_A" in key or key.endswith("lora_embedding_A") else 1
     fits = new.dim() == live.dim() and all(
         n == l or (d == rank_dim and n < l) for d, (n, l) in enumerate(zip(new.shape, live.shape))
@@ -83,6 +84,28 @@ def _copy_padded(live: torch.Tensor, new: torch.Tensor, key: str) -> None:
             f"Cannot hot-swap {key}: the new adapter has shape {tuple(new.shape)}, the loaded one {tuple(live.shape)}. "
             "Only a rank up to the loaded (padded) rank fits; use prepare_model_for_compiled_hotswap(target_rank=...)."
         )
+    return rank_dim
+
+
+def _check_values(new: torch.Tensor, key: str) -> None:
+    """A hot-swapped tensor must be floating point and finite (as every loaded adapter tensor)."""
+    if not new.is_floating_point():
+        raise CheckpointError(
+            f"Cannot hot-swap {key}: the new adapter's tensor has dtype {new.dtype}, but LoRA weights are floating "
+            "point (float32/float16/bfloat16); re-save the adapter from its model. Nothing was swapped."
+        )
+    if not bool(torch.isfinite(new).all()):
+        raise CheckpointError(
+            f"Cannot hot-swap {key}: the new adapter's tensor holds NaN/inf values (a damaged file, or training "
+            "diverged); re-save it from a healthy checkpoint. Nothing was swapped."
+        )
+
+
+def _write_padded(live: torch.Tensor, new: torch.Tensor, rank_dim: int) -> None:
+    """Copy `new` into `live`; a smaller rank fills the leading rows (A) or columns (B), zeros elsewhere."""
+    if rank_dim < 0:
+        live.copy_(new)
+        return
     live.zero_()
     live.narrow(rank_dim, 0, new.shape[rank_dim]).copy_(new)
 
@@ -94,27 +117,64 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     adapter does not target are zeroed. Raises if the new adapter targets a module the loaded one
     does not, or needs a larger rank.
     """
-    tuner, _, prefix = _tuner_of(model)
+    tuner, _, _ = _tuner_of(model)
     if tuner is None or adapter_name not in tuner.peft_config:
         raise AdapterStateError(f"No loaded adapter named {adapter_name!r} to hot-swap; load one first.")
     checkpoint = read_adapter(model_name_or_path, device=torch_device, **kwargs)  # the folder / hub located once
     config = PeftConfig.from_dict(checkpoint.config)
+    hotswap_adapter_from_state_dict(model, checkpoint.weights, adapter_name, config)
+
+
+def hotswap_adapter_from_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str, config: Any, parameter_prefix: str = "lora_"
+) -> None:
+    """`hotswap_adapter` for weights in memory: `state_dict` under peft's file keys (or with the adapter
+    name in them, as peft's function takes), `config` the new adapter's LoraConfig.
+
+    All or nothing: every tensor is checked (keys, shapes, floating dtype, finite values) before any
+    is written, so a refused swap leaves the loaded adapter exactly as it was.
+    """
+    tuner, _, prefix = _tuner_of(model)
+    if tuner is None or adapter_name not in tuner.peft_config:
+        raise AdapterStateError(f"No loaded adapter named {adapter_name!r} to hot-swap; load one first.")
     if str(config.peft_type) != "LORA" or str(tuner.peft_config[adapter_name].peft_type) != "LORA":
         raise ConfigError("Hot-swapping supports LoRA adapters only.")
-    incoming = _strip_prefix(checkpoint.weights, prefix)
+    if any(adapter_name in layer.merged_adapters for _, layer in _lora_layers(model)):
+        raise AdapterStateError(
+            f"Cannot hot-swap adapter '{adapter_name}' because it is currently merged into the base weights. "
+            "Please unmerge the adapter first by calling `peft_model.unmerge_adapter()`."
+        )
     live = adapter_tensor_map(model, adapter_name)
+    incoming = _file_keys(_strip_prefix(state_dict, prefix), live, adapter_name, parameter_prefix)
     unexpected = sorted(set(incoming) - set(live))
     if unexpected:
         raise CheckpointError(f"Cannot hot-swap: the new adapter has weights for modules the loaded one lacks: {unexpected[:5]}.")
+    plan = []  # (live tensor, new tensor or None (zeroed), rank dim): every check passes before any write
+    for key, tensor in live.items():
+        if key not in incoming:
+            plan.append((tensor, None, -1))
+            continue
+        new = incoming[key]
+        _check_values(new, key)
+        plan.append((tensor, new, _fits(tensor, new, key)))
+    scalings = [(layer, _new_scaling(config, name)) for name, layer in _lora_layers(model)]
     with torch.no_grad():
-        for key, tensor in live.items():
-            if key in incoming:
-                _copy_padded(tensor, incoming[key].to(tensor.device, tensor.dtype), key)
-            else:
+        for tensor, new, rank_dim in plan:
+            if new is None:
                 tensor.zero_()
-        for name, layer in _lora_layers(model):
-            _set_scaling(layer, adapter_name, _new_scaling(config, name))
+            else:
+                _write_padded(tensor, new.to(tensor.device, tensor.dtype), rank_dim)
+        for layer, value in scalings:
+            _set_scaling(layer, adapter_name, value)
     tuner.peft_config[adapter_name] = config.__class__.from_dict({**config.to_dict(), "inference_mode": True})
+
+
+def _file_keys(
+    incoming: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor], adapter_name: str, parameter_prefix: str
+) -> dict[str, torch.Tensor]:
+    """Keys as in adapter files: `...lora_A.<adapter_name>.weight` (peft's in-model form) -> `...lora_A.weight`."""
+    named = re.compile(rf"(\.{re.escape(parameter_prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)")
+    return {key if key in live else named.sub(r"\1", key): value for key, value in incoming.items()}
 
 
 def _set_scaling(layer: LoraLayer, adapter_name: str, value: float) -> None:

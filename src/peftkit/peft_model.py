@@ -23,6 +23,8 @@ from .checkpoint.state_dict import get_peft_model_state_dict, set_peft_model_sta
 from .config import PeftConfig
 from .errors import AdapterNameError, CheckpointError, ConfigError
 from .registry import method_spec
+from .tuners._core.base_journal import restoring_base_weights_on_failure
+from .tuners._core.call_state import call_scope
 from .utils.adapter_names import validate_adapter_name
 from .utils.constants import CLASSIFIER_MODULE_NAMES, QA_MODULE_NAMES
 from .utils.hf_compat import enable_activation_checkpointing
@@ -220,10 +222,15 @@ class PeftModel(nn.Module):
     @contextmanager
     def _call_context(self, args: tuple, kwargs: dict[str, Any]) -> Iterator[None]:
         """Per-call state, popped from `kwargs` on entering: `adapter_names` (a per-row adapter, for methods
-        with "mixed_batch") and what the tuner reads per call (`per_call_context`, e.g. LoRA's `alora_offsets`)."""
+        with "mixed_batch") and what the tuner reads per call (`per_call_context`, e.g. LoRA's `alora_offsets`).
+
+        The state travels with the call (`tuners/_core/call_state.py`: per thread, seen by generate's
+        forwards), never on the shared layers, so one model can serve concurrent calls."""
         adapter_names = kwargs.pop("adapter_names", None)
         with ExitStack() as stack:
-            if adapter_names is not None:
+            if adapter_names is None:  # this call is no mixed batch, even inside another model's mixed call
+                stack.enter_context(call_scope(adapter_names=None))
+            else:
                 spec = method_spec(self.peft_type)
                 if "mixed_batch" not in spec.capabilities:
                     raise ConfigError(
@@ -423,22 +430,23 @@ def _load(
     config = PeftConfig.from_dict(checkpoint.config) if config is None else config
     if config.is_prompt_learning and is_trainable:
         raise ConfigError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
-    peft_model = build(dataclasses.replace(config, inference_mode=not is_trainable))
-    if given is not None:
-        # The model holds a resolved copy; move its fields onto the caller's object and keep that one.
-        given.__dict__.update(vars(peft_model.peft_config[adapter_name]))
-        peft_model.peft_config[adapter_name] = given
-    try:
-        result = set_peft_model_state_dict(
-            peft_model,
-            checkpoint.weights,
-            adapter_name=adapter_name,
-            strict=True,
-            ignore_mismatched_sizes=bool(kwargs.get("ignore_mismatched_sizes", False)),
-        )
-    except BaseException:
-        peft_model.base_model.delete_adapter(adapter_name)
-        raise
+    with restoring_base_weights_on_failure():  # an init such as PiSSA rewrote base weights: put them back too
+        peft_model = build(dataclasses.replace(config, inference_mode=not is_trainable))
+        try:
+            if given is not None:
+                # The model holds a resolved copy; move its fields onto the caller's object and keep that one.
+                given.__dict__.update(vars(peft_model.peft_config[adapter_name]))
+                peft_model.peft_config[adapter_name] = given
+            result = set_peft_model_state_dict(
+                peft_model,
+                checkpoint.weights,
+                adapter_name=adapter_name,
+                strict=True,
+                ignore_mismatched_sizes=bool(kwargs.get("ignore_mismatched_sizes", False)),
+            )
+        except BaseException:
+            peft_model.base_model.delete_adapter(adapter_name)
+            raise
     if not is_trainable:
         peft_model.eval()
     return peft_model, result

@@ -1,14 +1,15 @@
 """The adapter folder, both directions: the one place that reads and writes `adapter_config.json` + weights.
 
-Reading: `read_adapter(model_id, ...)` locates the adapter once -- a local folder (an interrupted
-save there is rolled forward) or a hub repo -- and takes config and weights from that location,
-with one set of hub arguments (`io.HUB_KWARGS`).
+Reading: `read_adapter(model_id, ...)` locates the adapter once -- a local folder or a hub repo --
+and takes config and weights from that location, with one set of hub arguments (`io.HUB_KWARGS`).
+A local folder is read as one snapshot (`utils.commits.read_snapshot`): config and weights of one
+save even while another process saves there, and reading never writes to the folder.
 
 Writing: `adapter_config_to_save` is peft's rule for the saved config (`inference_mode: true`,
 `base_model_name_or_path` filled from the model, `auto_mapping` when there is no task type),
 `config_text` is the only producer of `adapter_config.json` text (keys sorted, indent 2), and
 `write_adapter` commits config, weights and the model card `README.md` (`model_card.py`) together
-through `utils.files.commit_files`.
+through `utils.commits.commit_files` (and deletes a weights file of the other format).
 """
 
 from __future__ import annotations
@@ -16,27 +17,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from ..utils.files import (
-    atomic_write_text,
-    commit_files,
-    read_weights_file,
-    recover_interrupted_save,
-    text_writer,
-    weights_writer,
-)
+from ..utils.commits import commit_files, read_snapshot
+from ..utils.files import read_weights_file, text_writer, weights_writer
 from .io import hub_kwargs_of
 from .model_card import README_NAME, ModelCardInfo, model_card_text, read_existing_card
 
 if TYPE_CHECKING:
     from ..config import PeftConfig
+
+T = TypeVar("T")
+MAX_CONFIG_BYTES = 16 * 2**20  # peft's configs are a few KB; a larger file is not an adapter config
+MAX_CONFIG_DEPTH = 32
 
 
 # ---------------------------------------------------------------------- reading
@@ -69,6 +68,12 @@ class AdapterSource(NamedTuple):
             except CheckpointError:
                 raise safetensors_missing from None
 
+    def read(self, read: Callable[["AdapterSource"], T]) -> T:
+        """`read(self)`, seeing the files of one save of a local folder (a hub repo's cache is read as is)."""
+        if self.local_dir is None:
+            return read(self)
+        return read_snapshot(self.local_dir, lambda: read(self))
+
 
 def locate_adapter(model_id: Any, subfolder: Optional[str] = None, **kwargs: Any) -> AdapterSource:
     """Resolve `model_id` (a local adapter folder or a hub repo id) once; `kwargs` may hold hub arguments."""
@@ -78,10 +83,6 @@ def locate_adapter(model_id: Any, subfolder: Optional[str] = None, **kwargs: Any
     subfolder = given if subfolder is None else subfolder
     local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local_dir):
-        try:
-            recover_interrupted_save(local_dir)
-        except OSError:  # a read-only folder: read what is there
-            pass
         return AdapterSource(model_id, local_dir, subfolder, {})
     if model_id.count("/") > 1 or model_id.startswith((".", "/", "~")) or os.path.exists(model_id):
         raise CheckpointError(f"Adapter path {model_id!r} is not a folder; pass the folder holding {CONFIG_NAME}.")
@@ -115,14 +116,17 @@ def read_adapter(
     `device` is where the tensors are loaded (default "cpu"); `kwargs` may hold hub arguments.
     """
     device = check_load_device(device)
-    source = locate_adapter(model_id, **kwargs)
-    config = read_config_file(source.file(CONFIG_NAME)) if read_config else None
-    return AdapterCheckpoint(config, read_weights_file(source.weights_file(), device=device))
+    def read(source: AdapterSource) -> AdapterCheckpoint:
+        config = read_config_file(source.file(CONFIG_NAME)) if read_config else None
+        return AdapterCheckpoint(config, read_weights_file(source.weights_file(), device=device))
+
+    return locate_adapter(model_id, **kwargs).read(read)
 
 
 def read_adapter_config(model_id: Any, subfolder: Optional[str] = None, **kwargs: Any) -> dict[str, Any]:
     """The `adapter_config.json` of a local folder or hub repo, as a dict."""
-    return read_config_file(locate_adapter(model_id, subfolder=subfolder, **kwargs).file(CONFIG_NAME))
+    source = locate_adapter(model_id, subfolder=subfolder, **kwargs)
+    return source.read(lambda located: read_config_file(located.file(CONFIG_NAME)))
 
 
 def read_adapter_weights(
@@ -130,21 +134,53 @@ def read_adapter_weights(
 ) -> dict[str, torch.Tensor]:
     """The tensors of a local folder or hub repo (safetensors, or weights-only `adapter_model.bin`)."""
     device = check_load_device(device)
-    return read_weights_file(locate_adapter(model_id, subfolder=subfolder, **kwargs).weights_file(), device=device)
+    source = locate_adapter(model_id, subfolder=subfolder, **kwargs)
+    return source.read(lambda located: read_weights_file(located.weights_file(), device=device))
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Read a config JSON file into a dict, with a clear error for a damaged file."""
+    """Read a config JSON file into a dict, with a clear error for a damaged or oversized file.
+
+    Untrusted input: the file is capped at MAX_CONFIG_BYTES before it is read and its nesting at
+    MAX_CONFIG_DEPTH (peft's configs are a few KB, four levels deep at most).
+    """
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as exc:
         raise CheckpointError(f"No adapter config at {path!r}.") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise CheckpointError(
+            f"{path!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB, far beyond any adapter config; "
+            "it is not an adapter_config.json (restore the file or re-save the adapter)."
+        )
+    too_deep = False
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path!r} is not valid JSON ({exc}); re-save the adapter or restore the file.") from exc
+    except RecursionError:  # nested beyond Python's recursion limit
+        too_deep = True
+    if too_deep or _json_depth(data) > MAX_CONFIG_DEPTH:
+        raise CheckpointError(
+            f"{path!r} nests JSON more than {MAX_CONFIG_DEPTH} levels deep; an adapter config is a flat object "
+            "of fields. Restore the file or re-save the adapter."
+        )
     if not isinstance(data, dict):
         raise CheckpointError(f"{path!r} must hold a JSON object, found {type(data).__name__}.")
     return data
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: the value may be deeper than the recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_CONFIG_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def check_load_device(device: Any) -> str:
@@ -211,7 +247,9 @@ def write_adapter(
             pipeline_tag="text-generation" if config_fields.get("task_type") == "CAUSAL_LM" else None,
             quantization_config=None,
         )
-    weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    weights_name, other_format = (
+        (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if safe_serialization else (WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME)
+    )
     card = model_card_text(model_card, read_existing_card(directory))
     commit_files(
         directory,
@@ -220,6 +258,7 @@ def write_adapter(
             CONFIG_NAME: text_writer(config_text(config_fields)),
             README_NAME: text_writer(card),
         },
+        remove=[other_format],  # else a reader, which prefers safetensors, would load the older weights
     )
 
 
@@ -227,5 +266,4 @@ def write_adapter_config(directory: str, config_fields: Mapping[str, Any]) -> No
     """Write `adapter_config.json` alone (PeftConfig.save_pretrained), atomically."""
     if os.path.isfile(directory):
         raise ConfigError(f"save_directory {directory!r} is a file; pass a directory path.")
-    os.makedirs(directory, exist_ok=True)
-    atomic_write_text(os.path.join(directory, CONFIG_NAME), config_text(config_fields))
+    commit_files(directory, {CONFIG_NAME: text_writer(config_text(config_fields))})

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, Optional, Union
 
+from ..utils.commits import AREA
 from .model_card import README_NAME, _as_list
 
 
@@ -65,6 +66,7 @@ def push_adapter_folder(
             token=token,
             revision=revision,
             create_pr=create_pr,
+            ignore_patterns=[f"{AREA}/*", f"*/{AREA}/*"],  # peftkit's lock/journal areas: not adapter files
         )
 
 

@@ -176,6 +176,7 @@ def set_peft_model_state_dict(
     """
     prompt_tuner = _prompt_learning_tuner(model, adapter_name)
     if prompt_tuner is not None:
+        _check_values({key: (value, None) for key, value in peft_model_state_dict.items()})
         missing, unexpected = prompt_tuner.load_prompt_learning_state_dict(
             dict(peft_model_state_dict), adapter_name, ignore_mismatched_sizes
         )
@@ -199,6 +200,8 @@ def set_peft_model_state_dict(
     if strict and (missing or unexpected):
         raise CheckpointError(_describe_key_mismatch(missing, unexpected))
     _check_shapes(target, incoming, ignore_mismatched_sizes)
+    loaded = {key: (incoming[key], tensor) for key, tensor in target.items() if key in incoming}
+    _check_values({key: pair for key, pair in loaded.items() if pair[0].shape == pair[1].shape})  # what is copied
     on_meta: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for key, tensor in target.items():
@@ -239,6 +242,43 @@ def _check_shapes(target: Mapping[str, torch.Tensor], incoming: Mapping[str, tor
                 "weights, or the adapter was trained on another base model (a resized embedding: pass "
                 "ignore_mismatched_sizes=True to skip such tensors)."
             )
+
+
+def _check_values(pairs: Mapping[str, tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+    """Refuse, before anything is written, checkpoint tensors that would silently break the model.
+
+    `pairs`: key -> (checkpoint tensor, the model tensor it is loaded into, or None when unknown).
+    A float model tensor takes only a floating checkpoint tensor (any float dtype: fp16/bf16 are
+    legal); integer / bool tensors load only into integer / bool model tensors (quantization
+    state and the like, left as they are). Floating checkpoint tensors must be finite.
+    """
+    wrong_dtype = [
+        f"{key} ({value.dtype}, the model's is {live.dtype})"
+        for key, (value, live) in pairs.items()
+        if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex()
+        and live is not None and (live.is_floating_point() or live.is_complex())
+    ]
+    if wrong_dtype:
+        raise CheckpointError(
+            f"Adapter weights of the wrong dtype: {_shown(wrong_dtype)}. Adapter tensors are floating point "
+            "(float32/float16/bfloat16); the file was written by something else or is damaged: re-save the adapter "
+            "from its model. Nothing was loaded."
+        )
+    non_finite = [
+        key
+        for key, (value, _) in pairs.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta
+        and not bool(torch.isfinite(value).all())
+    ]
+    if non_finite:
+        raise CheckpointError(
+            f"Adapter weights hold NaN/inf values: {_shown(non_finite)}. The file is damaged or training diverged; "
+            "re-save the adapter from a healthy checkpoint (e.g. an earlier step). Nothing was loaded."
+        )
+
+
+def _shown(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 def _describe_key_mismatch(missing: list[str], unexpected: list[str]) -> str:

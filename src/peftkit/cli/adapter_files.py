@@ -59,9 +59,10 @@ def read_adapter(path: str) -> AdapterFolder:
     if not os.path.isdir(path):
         raise CliError(f"adapter folder not found: {path}")
     try:
-        source = locate_adapter(path)
-        config = read_config_file(source.file(CONFIG_NAME))
-        weights_path = source.weights_file()
-        return AdapterFolder(path, config, weights_path, read_weights_file(weights_path))
+        def read(source: Any) -> AdapterFolder:  # config and weights of one save, even mid-save
+            weights_path = source.weights_file()
+            return AdapterFolder(path, read_config_file(source.file(CONFIG_NAME)), weights_path, read_weights_file(weights_path))
+
+        return locate_adapter(path).read(read)
     except CheckpointError as exc:
         raise CliError(str(exc).splitlines()[0]) from exc

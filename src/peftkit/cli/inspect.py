@@ -12,6 +12,7 @@ from typing import Any
 from peftkit.registry import registered_methods
 
 from .adapter_files import AdapterFolder, read_adapter
+from .errors import CliError
 
 EXAMPLES = """examples:
   peftkit inspect out/adapter
@@ -119,10 +120,14 @@ def _check_ranks(adapter: AdapterFolder, rank_dims: Mapping[str, int]) -> list[s
 
 
 def _check_targets(adapter: AdapterFolder) -> list[str]:
+    """Weights on modules no target_modules / modules_to_save entry names (string entries only:
+    the raw config may be damaged, and a bad field is reported by the config check)."""
     targets = adapter.config.get("target_modules")
     if not isinstance(targets, list) or not targets:
         return []
-    saved = adapter.config.get("modules_to_save") or []
+    targets = [t for t in targets if isinstance(t, str)]
+    saved = adapter.config.get("modules_to_save")
+    saved = [name for name in saved if isinstance(name, str)] if isinstance(saved, list) else []
     problems = []
     for key in adapter.weights:
         module = _module_of(key)
@@ -149,8 +154,12 @@ def _check_with_base(adapter: AdapterFolder, base_id: str) -> list[str]:
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """Print the report; exit status 1 when a check failed."""
     adapter = read_adapter(args.adapter)
-    report = describe(adapter)
-    problems = check(adapter) + (_check_with_base(adapter, args.base) if args.base else [])
+    try:
+        report = describe(adapter)
+        problems = check(adapter) + (_check_with_base(adapter, args.base) if args.base else [])
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+        # A damaged config whose fields have the wrong types: one line, never a traceback.
+        raise CliError(f"cannot inspect {args.adapter}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     report["checks"] = "ok" if not problems else problems
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..utils.files import read_weights_file
+from ..checkpoint.adapter_folder import read_adapter_weights
 from ..checkpoint.state_dict import set_peft_model_state_dict
 from ..errors import CheckpointError
 from ..peft_model import PeftModel
@@ -42,10 +42,9 @@ def load_adapter_checkpoint(model: PeftModel, checkpoint_dir: str) -> None:
     loaded = False
     for name in model.peft_config:
         folder = checkpoint_dir if name == "default" else os.path.join(checkpoint_dir, name)
-        path = next((os.path.join(folder, f) for f in ADAPTER_WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
-        if path is None:
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in ADAPTER_WEIGHT_FILES):
             continue
-        set_peft_model_state_dict(model, read_weights_file(path), adapter_name=name, strict=True)
+        set_peft_model_state_dict(model, read_adapter_weights(folder), adapter_name=name, strict=True)
         loaded = True
     if not loaded:
         raise CheckpointError(

@@ -27,7 +27,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..utils.files import commit_files, read_weights_file, text_writer, weights_writer
+from ..utils.commits import commit_files, read_snapshot
+from ..utils.files import read_weights_file, text_writer, weights_writer
 from ..errors import CheckpointError, ConfigError
 from .formats import BLOCKSIZE_4BIT, QUANT_TYPES
 from .linear import DTypeLike, Linear4bit, Linear8bit, QuantizedLinearBase, as_dtype
@@ -180,8 +181,14 @@ def load_quantized_model(model: Union[nn.Module, type], save_directory: str) -> 
         raise CheckpointError(
             f"{save_directory!r} has no {QUANTIZATION_CONFIG_NAME}; it was not written by save_quantized_model()."
         )
-    with open(config_path, encoding="utf-8") as handle:
-        config = QuantizationConfig.from_any(json.load(handle))
+
+    def read() -> tuple[Any, dict[str, torch.Tensor]]:  # one save's config and weights, even mid-save
+        with open(config_path, encoding="utf-8") as handle:
+            fields = json.load(handle)
+        return fields, read_weights_file(os.path.join(save_directory, QUANTIZED_WEIGHTS_NAME))
+
+    fields, state = read_snapshot(save_directory, read)
+    config = QuantizationConfig.from_any(fields)
     if isinstance(model, type):
         config_class = getattr(model, "config_class", None)
         if config_class is None:
@@ -196,6 +203,5 @@ def load_quantized_model(model: Union[nn.Module, type], save_directory: str) -> 
             f"The model is already quantized with {model.peftkit_quantization_config}, not the saved {config}; "
             "pass a model that is not quantized yet."
         )
-    state = read_weights_file(os.path.join(save_directory, QUANTIZED_WEIGHTS_NAME))
     model.load_state_dict(state, strict=True)
     return model

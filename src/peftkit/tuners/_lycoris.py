@@ -91,7 +91,7 @@ class LycorisConfig(PeftConfig):
             raise ConfigError(f"{type(self).__name__} has peft_type {self.peft_type!r}; it must be {expected.value!r}.")
         self.peft_type = expected
         self.target_modules = as_name_set(self.target_modules)
-        self.exclude_modules = as_name_set(self.exclude_modules)
+        self.exclude_modules = as_name_set(self.exclude_modules, "exclude_modules")
         check_rank(self.r, "r")
         check_positive_number(self.alpha, "alpha")
         check_dropout(self.rank_dropout, "rank_dropout")

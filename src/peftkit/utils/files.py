@@ -1,17 +1,15 @@
 """Files: read weights safely, write atomically -- for adapters (`checkpoint/`) and quantized models alike.
 
 Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)` for
-`.bin` files. Every write goes to a temporary file in the target folder and is renamed into
-place, so a crash never leaves a half-written file; `commit_files` makes several files change
-together.
+`.bin` files. Writers are functions `write(path)`; `commits.commit_files` runs them into a private
+stage and renames the results into place together, so a crash never leaves a half-written file
+or a folder mixing two saves.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping
 
 import torch
@@ -41,32 +39,11 @@ def read_weights_file(path: str, device: str = "cpu") -> dict[str, torch.Tensor]
     return state
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(handle)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual umask mode
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to `path` via a temporary file and a rename."""
-    _atomic_write(path, text_writer(text))
+    """Write `text` to `path` as one commit of its folder (see `commits.commit_files`)."""
+    from .commits import commit_files
+
+    commit_files(os.path.dirname(os.path.abspath(path)), {os.path.basename(path): text_writer(text)})
 
 
 def weights_writer(tensors: Mapping[str, torch.Tensor], safe_serialization: bool = True) -> Callable[[str], None]:
@@ -99,51 +76,3 @@ def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(pointer)
         out[key] = tensor
     return out
-
-
-# ---------------------------------------------------------------------- whole-adapter commits
-_JOURNAL = ".peftkit-commit.json"
-_PENDING_SUFFIX = ".peftkit-pending"
-
-
-def commit_files(directory: str, writers: Mapping[str, Callable[[str], None]]) -> None:
-    """Write several files so that the folder shows either all old or all new versions.
-
-    Each file is first written completely to `<name>.peftkit-pending`; then a journal naming them
-    is written atomically (the commit point); then each pending file is renamed into place and the
-    journal removed. A crash before the commit point leaves the old files (pending ones are swept
-    on the next access); a crash after it is rolled forward by `recover_interrupted_save`.
-    """
-    os.makedirs(directory, exist_ok=True)
-    recover_interrupted_save(directory)
-    for name, write in writers.items():
-        _atomic_write(os.path.join(directory, name + _PENDING_SUFFIX), write)
-    atomic_write_text(os.path.join(directory, _JOURNAL), json.dumps(sorted(writers)))
-    _roll_forward(directory, sorted(writers))
-
-
-def recover_interrupted_save(directory: str) -> None:
-    """Finish a committed save (journal present) or drop the leftovers of an uncommitted one."""
-    if not os.path.isdir(directory):
-        return
-    journal = os.path.join(directory, _JOURNAL)
-    if os.path.isfile(journal):
-        try:
-            with open(journal, encoding="utf-8") as handle:
-                names = json.load(handle)
-        except (OSError, ValueError):
-            names = []
-        _roll_forward(directory, [n for n in names if isinstance(n, str) and os.sep not in n and "/" not in n])
-    for entry in os.listdir(directory):
-        if entry.endswith(_PENDING_SUFFIX) or entry.startswith(".tmp-"):
-            os.remove(os.path.join(directory, entry))
-
-
-def _roll_forward(directory: str, names: list[str]) -> None:
-    for name in names:
-        pending = os.path.join(directory, name + _PENDING_SUFFIX)
-        if os.path.exists(pending):
-            os.replace(pending, os.path.join(directory, name))
-    journal = os.path.join(directory, _JOURNAL)
-    if os.path.exists(journal):
-        os.remove(journal)

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import ConfigError
+from .safe_regex import compile_config_regex
+
+#: Upper bound of every size field (ranks, virtual tokens, hidden sizes) at config creation: larger
+#: values are beyond any tensor dimension a model uses (and overflow torch's int64 shape arguments).
+#: Sizes below it are checked against the model's own dimensions when the adapter is added
+#: (`tuners._core.size_limits`).
+MAX_SIZE = 2**31 - 1
 
 
-def as_name_set(names: Any) -> Any:
-    """Lists of module names are kept as sets, like peft; a regex string stays a string."""
-    if names is None or isinstance(names, str):
+def as_name_set(names: Any, field: str = "target_modules") -> Any:
+    """Lists of module names are kept as sets, like peft; a regex string stays a string.
+
+    A regex is compiled here (`safe_regex`), so an invalid or catastrophically backtracking one is a
+    ConfigError naming `field` when the config is created, not a hang or `re.error` at injection.
+    """
+    if names is None:
+        return names
+    if isinstance(names, str):
+        compile_config_regex(names, field)
         return names
     if isinstance(names, (list, tuple, set, frozenset)):
         if not all(isinstance(name, str) for name in names):
@@ -19,13 +34,40 @@ def as_name_set(names: Any) -> Any:
 
 
 def check_rank(value: Any, name: str) -> None:
+    """A rank: an int (not a bool or float) in [1, MAX_SIZE]."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name}={value!r} is invalid; the rank must be a positive integer such as 8.")
+    check_size_bound(value, name)
+
+
+def check_size(value: Any, name: str, example: str = "8", allow_none: bool = False) -> None:
+    """A size field (virtual tokens, hidden size, layers): an int (not a bool or float) in [1, MAX_SIZE]."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        hint = " or leave it out (None)" if allow_none else ""
+        raise ConfigError(f"{name}={value!r} is invalid; pass a positive integer such as {example}{hint}.")
+    check_size_bound(value, name)
+
+
+def check_size_bound(value: int, name: str) -> None:
+    if value > MAX_SIZE:
+        raise ConfigError(
+            f"{name}={value} is larger than any tensor dimension ({MAX_SIZE:,}); an untrusted or damaged config? "
+            "Use a realistic size (ranks are typically 4 to 256, num_virtual_tokens 8 to 100)."
+        )
 
 
 def check_positive_number(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    check_finite(value, name)
+    if not value > 0:
         raise ConfigError(f"{name}={value!r} is invalid; it must be a number > 0 (commonly 2 * r).")
+
+
+def check_finite(value: Any, name: str) -> None:
+    """A number (not a bool) that is finite: Infinity / NaN (valid in peft's JSON) are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is invalid; it must be a finite number.")
 
 
 def check_dropout(value: Any, name: str) -> None:
@@ -70,6 +112,8 @@ def check_pattern_dict(value: Any, name: str) -> dict:
         return {}
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
         raise ConfigError(f"{name}={value!r} is invalid; pass a dict of module-name regex -> value, e.g. {{'q_proj': 16}}.")
+    for key in value:
+        compile_config_regex(key, f"{name} key")
     return value
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -91,22 +93,64 @@ def is_plain_linear(module: nn.Module) -> bool:
     return type(module) in (nn.Linear, Conv1D)
 
 
+_SWAP_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_SWAP_LOCKS_GUARD = threading.Lock()
+
+
+def _swap_lock(module: nn.Module) -> threading.RLock:
+    """The lock serializing swaps into `module` (one per module, made on first use).
+
+    Kept beside the module, not on it, so that `copy.deepcopy` / pickling of models still work; an
+    RLock, because nested wrappers of one module (several `target_parameters`) swap into it in turn.
+    """
+    with _SWAP_LOCKS_GUARD:
+        lock = _SWAP_LOCKS.get(module)
+        if lock is None:
+            lock = _SWAP_LOCKS[module] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def swap_guard(*modules: nn.Module) -> Iterator[None]:
+    """Hold the swap locks of `modules` for the block (none under `torch.compile`, see `tensors_swapped`).
+
+    A forward that *reads* a tensor another call may have swapped in (to compute the adapted one from
+    the base weight) holds this around the read and its own swap, so it never reads another call's tensor.
+    """
+    with ExitStack() as stack:
+        if not torch.compiler.is_compiling():
+            unique = {id(module): module for module in modules}
+            for key in sorted(unique):  # one fixed order: no deadlock between calls locking several modules
+                stack.enter_context(_swap_lock(unique[key]))
+        yield
+
+
 @contextmanager
 def tensors_swapped(swaps: list[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
     """For the block, `module.<name>` reads the given tensor; the original is put back afterwards.
 
     Where the attribute lookup finds it: FSDP (`use_orig_params=True`) keeps its unsharded views in
     the instance `__dict__`, shadowing `_parameters` (which is all `torch.func.functional_call` swaps).
+
+    Thread safety: the swap mutates the shared module, so the block holds a lock per swapped module
+    (`swap_guard`: a fixed order, re-entrant for nested swaps): concurrent calls of one model run their
+    swapped forwards one at a time, and each sees its own tensors. A caller computing the new tensors
+    from the current ones holds `swap_guard` around that too. The alternative, computing with
+    the adapted weights without touching the module, is not possible in general (target_parameters
+    wraps arbitrary modules whose forward reads `self.<param>`). Under `torch.compile` no lock is
+    taken: dynamo traces the swap into the graph (the module is not mutated when the graph runs)
+    and cannot trace a lock.
     """
-    saved: list[tuple[dict, str, Any]] = []
-    try:
-        for module, name, tensor in swaps:
-            store = next((d for d in (module.__dict__, module._parameters, module._buffers) if name in d), None)
-            if store is None:
-                raise AttributeError(f"{type(module).__name__} has no tensor {name!r} to swap.")
-            saved.append((store, name, store[name]))
-            store[name] = tensor
-        yield
-    finally:
-        for store, name, original in reversed(saved):
-            store[name] = original
+    with swap_guard(*(module for module, _, _ in swaps)):
+        saved: list[tuple[dict, str, Any]] = []
+        try:
+            for module, name, tensor in swaps:
+                store = next((d for d in (module.__dict__, module._parameters, module._buffers) if name in d), None)
+                if store is None:
+                    raise AttributeError(f"{type(module).__name__} has no tensor {name!r} to swap.")
+                saved.append((store, name, store[name]))
+                store[name] = tensor
+            yield
+        finally:
+            for store, name, original in reversed(saved):
+                store[name] = original

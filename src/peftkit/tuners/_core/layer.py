@@ -221,39 +221,66 @@ class BaseTunerLayer:
 
     def _merge_names(self, names: list[str], safe_merge: bool) -> None:
         """`merge` of exactly `names` (checked, none merged yet): all of them or, on failure, none."""
-        weight, bias = self._read_base()
         done = len(self.merged_adapters)
         try:
             with torch.no_grad():
-                for name in names:
-                    weight, bias = self.fold(name, weight, bias)
-                    if safe_merge:
-                        _require_finite(name, weight, bias)
-                    self.merged_adapters.append(name)
-            self._write_base(weight, bias)
+                self._write_base(*self._folded(names, safe_merge))
         except BaseException:
-            for name in self.merged_adapters[done:]:
-                self._forget_merge(name)
-            del self.merged_adapters[done:]
+            self._drop_merged_after(done)
             raise
+
+    def _check_merge(self, names: list[str], safe_merge: bool) -> None:
+        """Raise what `_merge_names(names, safe_merge)` would raise, writing nothing.
+
+        The tuner calls it on every layer before merging any, so that a failing merge (a NaN/inf
+        under `safe_merge`, a layer that cannot merge) leaves every layer unmerged. The folds are
+        computed and dropped: `fold` returns new tensors and `_forget_merge` clears what it kept.
+        """
+        done = len(self.merged_adapters)
+        try:
+            with torch.no_grad():
+                self._folded(names, safe_merge)
+        finally:
+            self._drop_merged_after(done)
+
+    def _folded(self, names: list[str], safe_merge: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(W, b) with `names` folded in, in turn; each is appended to `merged_adapters` as it folds
+        (the next `fold` sees it merged). With `safe_merge` every intermediate result must be finite."""
+        weight, bias = self._read_base()
+        for name in names:
+            weight, bias = self.fold(name, weight, bias)
+            if safe_merge:
+                _require_finite(name, weight, bias)
+            self.merged_adapters.append(name)
+        return weight, bias
+
+    def _drop_merged_after(self, done: int) -> None:
+        """Forget the merges recorded after the first `done` (they were never written, or are undone)."""
+        for name in self.merged_adapters[done:]:
+            self._forget_merge(name)
+        del self.merged_adapters[done:]
 
     def unmerge(self) -> None:
         """Unfold every merged adapter again, newest first, then store the base weight once."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        self._unmerge_to(0)
+
+    def _unmerge_to(self, keep: int) -> None:
+        """Unfold the merged adapters after the first `keep`, newest first (all or, on failure, none)."""
         weight, bias = self._read_base()
         merged = list(self.merged_adapters)
         try:
             with torch.no_grad():
-                while self.merged_adapters:  # `unfold` sees the adapters still merged under it
+                while len(self.merged_adapters) > keep:  # `unfold` sees the adapters still merged under it
                     weight, bias = self.unfold(self.merged_adapters[-1], weight, bias)
                     self.merged_adapters.pop()
             self._write_base(weight, bias)
         except BaseException:
             self.merged_adapters[:] = merged
             raise
-        for name in merged:
+        for name in merged[keep:]:
             self._forget_merge(name)
 
     def _read_base(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -5,6 +5,9 @@ Rules (the same as peft's, so a config selects the same modules in both librarie
 - a string is a regex that must match the whole dotted path;
 - `exclude_modules` uses the same rules and wins over `target_modules`;
 - `layers_to_transform` keeps only modules under `<layers_pattern>.<index>.`.
+
+Regexes come from (possibly untrusted) configs: each is compiled once by `safe_regex`, which turns
+an invalid or catastrophically backtracking pattern into a ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -17,16 +20,20 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ...utils.constants import COMMON_LAYERS_PATTERN
+from ...utils.safe_regex import compile_config_regex
 
 NamePatterns = Union[str, Iterable[str]]
 
 
-def key_matches(key: str, names: Optional[NamePatterns]) -> bool:
-    """True if the module path `key` is selected by `names` (list of suffixes or a full regex)."""
+def key_matches(key: str, names: Optional[NamePatterns], field: str = "target_modules") -> bool:
+    """True if the module path `key` is selected by `names` (list of suffixes or a full regex).
+
+    `field` names the config field in the ConfigError for a bad regex.
+    """
     if names is None:
         return False
     if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
+        return compile_config_regex(names, field).fullmatch(key) is not None
     return any(key == name or key.endswith("." + name) for name in names)
 
 
@@ -47,7 +54,7 @@ def layer_index(key: str, layers_pattern: Optional[NamePatterns]) -> Optional[in
 
 def is_targeted(config: Any, key: str) -> bool:
     """Apply `target_modules`, `exclude_modules` and `layers_to_transform` of `config` to `key`."""
-    if key_matches(key, getattr(config, "exclude_modules", None)):
+    if key_matches(key, getattr(config, "exclude_modules", None), "exclude_modules"):
         return False
     if not key_matches(key, config.target_modules):
         return False
@@ -58,22 +65,54 @@ def is_targeted(config: Any, key: str) -> bool:
     return layer_index(key, getattr(config, "layers_pattern", None)) in wanted
 
 
-def pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+def pattern_value(patterns: Mapping[str, Any], key: str, default: Any, field: str = "rank_pattern/alpha_pattern") -> Any:
     """The value of the first `patterns` entry whose regex matches the end of `key` (rank_pattern etc.)."""
     for pattern, value in patterns.items():
+        compile_config_regex(pattern, f"{field} key")  # refuses a bad or catastrophic key first
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
 
 
-def describe_unmatched(targets: Any, model: nn.Module) -> str:
-    """One message for target_modules that matched nothing: what exists and what is close."""
+def describe_unmatched(targets: Any, model: nn.Module, config: Any = None) -> str:
+    """One message for target_modules that matched nothing: what exists and what is close.
+
+    A regex is shown as the regex it is; when `config`'s exclude_modules / layers_to_transform /
+    layers_pattern removed every module target_modules selects, the message says so.
+    """
     leaf_names = sorted({name.rpartition(".")[2] for name, _ in model.named_modules() if name})
-    wanted = [targets] if isinstance(targets, str) else sorted(targets or [])
-    close = list(dict.fromkeys(m for t in wanted for m in difflib.get_close_matches(str(t), leaf_names, n=3, cutoff=0.6)))
-    hint = f" Close matches: {close}." if close else ""
     shown = leaf_names if len(leaf_names) <= 40 else leaf_names[:40] + ["..."]
+    if isinstance(targets, str):
+        what = f"target_modules regex {targets!r} (it must match the whole dotted module path, e.g. r'.*\\.q_proj')"
+        hint = ""
+    else:
+        wanted = sorted(targets or [])
+        what = f"target_modules {wanted!r}"
+        close = list(dict.fromkeys(m for t in wanted for m in difflib.get_close_matches(str(t), leaf_names, n=3, cutoff=0.6)))
+        hint = f" Close matches: {close}." if close else ""
+    filters = _filter_note(targets, model, config)
     return (
-        f"target_modules {wanted!r} matched no module of {type(model).__name__}.{hint} "
+        f"{what} matched no module of {type(model).__name__}.{filters}{hint} "
         f"Module names in this model: {shown}. Pass some of these names, a regex, or 'all-linear'."
     )
+
+
+def _filter_note(targets: Any, model: nn.Module, config: Any) -> str:
+    """Which of exclude_modules / layers_to_transform / layers_pattern were set, and whether they removed the matches."""
+    if config is None:
+        return ""
+    fields = {
+        name: getattr(config, name, None)
+        for name in ("exclude_modules", "layers_to_transform", "layers_pattern")
+        if getattr(config, name, None) not in (None, [], set())
+    }
+    if not fields:
+        return ""
+    before = sum(1 for name, _ in model.named_modules() if name and key_matches(name, targets))
+    settings = ", ".join(f"{name}={sorted(v) if isinstance(v, set) else v!r}" for name, v in fields.items())
+    if before:
+        return (
+            f" target_modules alone selects {before} module(s), but {settings} removed all of them; "
+            f"relax {' / '.join(fields)}."
+        )
+    return f" (Also set: {settings}, which may exclude modules too.)"

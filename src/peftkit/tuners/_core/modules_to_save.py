@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterStateError
+from .call_state import batch_adapter_names
 
 
 class AuxiliaryWrapper(nn.Module):
@@ -35,8 +36,7 @@ class AuxiliaryWrapper(nn.Module):
     def _init_wrapper(self, adapter_name: str) -> None:
         self._active_adapter = [adapter_name]
         self._disable_adapters = False
-        # Set for the duration of a mixed-adapter forward: one adapter name per batch row.
-        self.batch_adapter_names: Optional[tuple[str, ...]] = None
+        # A mixed-adapter call's row names travel with the call (`call_state.py`), not on this module.
 
     # ------------------------------------------------------------------ what a subclass holds
     def held_adapters(self) -> list[str]:
@@ -79,14 +79,16 @@ class AuxiliaryWrapper(nn.Module):
         return name
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.batch_adapter_names is not None and not self._disable_adapters:
-            return self._mixed_forward(args[0], *args[1:], **kwargs)
+        batch_names = batch_adapter_names()
+        if batch_names is not None and not self._disable_adapters:
+            return self._mixed_forward(batch_names, args[0], *args[1:], **kwargs)
         return self.forward_with(self._current(), *args, **kwargs)
 
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Rows of a mixed-adapter batch each go through their adapter's state (or the original)."""
-        repeat = x.shape[0] // len(self.batch_adapter_names)
-        names = [name for name in self.batch_adapter_names for _ in range(repeat)]
+    def _mixed_forward(self, batch_names: tuple[str, ...], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Rows of a mixed-adapter batch (`batch_names`: the call's row adapters) each go through their
+        adapter's state (or the original)."""
+        repeat = x.shape[0] // len(batch_names)
+        names = [name for name in batch_names for _ in range(repeat)]
         output = None
         held = self.held_adapters()
         for name in dict.fromkeys(names):
@@ -162,14 +164,14 @@ class ModulesToSaveWrapper(AuxiliaryWrapper):
     #: Modules whose copies can serve a mixed-adapter batch (split by rows), as in peft.
     mixed_batch_modules = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _mixed_forward(self, batch_names: tuple[str, ...], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not isinstance(self.original_module, self.mixed_batch_modules):
             names = ", ".join(cls.__name__ for cls in self.mixed_batch_modules)
             raise TypeError(
                 f"Mixed batching is only supported for the following modules: {names}. This modules_to_save copy "
                 f"is a {type(self.original_module).__name__}; run such adapters one at a time."
             )
-        return super()._mixed_forward(x, *args, **kwargs)
+        return super()._mixed_forward(batch_names, x, *args, **kwargs)
 
     def forward_with(self, adapter_name: Optional[str], *args: Any, **kwargs: Any) -> Any:
         module = self.original_module if adapter_name is None else self.modules_to_save[adapter_name]

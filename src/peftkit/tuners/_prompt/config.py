@@ -14,6 +14,7 @@ from typing import Any, Optional
 from ...config import PeftConfig
 from ...errors import ConfigError
 from ...utils.peft_types import TaskType
+from ...utils.validation import check_size
 
 
 @dataclass
@@ -39,14 +40,11 @@ class PromptLearningConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_virtual_tokens is None or not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ConfigError(
-                f"num_virtual_tokens={self.num_virtual_tokens!r} is invalid; pass a positive integer, e.g. num_virtual_tokens=20."
-            )
+        # ints only (not bools or floats such as 1e10), bounded by validation.MAX_SIZE; the model-relative
+        # limit is checked when the adapter is added (`adapter_elements`, `tuners._core.size_limits`).
+        check_size(self.num_virtual_tokens, "num_virtual_tokens", example="20")
         for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{name}={value!r} is invalid; pass a positive integer or leave it out (None).")
+            check_size(getattr(self, name), name, allow_none=True)
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -59,6 +57,18 @@ class PromptLearningConfig(PeftConfig):
     def uses_kv_heads(self) -> bool:
         """True when the virtual tokens go into the attention cache (prefix tuning)."""
         return False
+
+    def adapter_elements(self) -> int:
+        """About how many elements the adapter allocates once the shape fields are filled.
+
+        Used to refuse absurd sizes before allocating (`tuners._core.size_limits`); this base
+        version counts the virtual token table, `num_virtual_tokens * submodules x token_dim`.
+        """
+        return self.num_virtual_tokens * (self.num_transformer_submodules or 1) * (self.token_dim or 1)
+
+    def size_fields(self) -> dict[str, Any]:
+        """The fields `adapter_elements` grows with, for the error message that refuses them."""
+        return {"num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.token_dim}
 
 
 def _first_key(config: dict[str, Any], names: tuple[str, ...], field_name: str) -> int:

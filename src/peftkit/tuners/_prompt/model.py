@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from ...errors import AdapterStateError, CheckpointError, ConfigError
+from ...utils.adapter_names import adapter_name_list
 from ...utils.hf_compat import cache_argument, pop_cache, put_cache, rename_cache
 from ...utils.peft_types import PeftType
 from .._core.matching import key_matches
+from .._core.size_limits import check_prompt_adapter_size
 from .._core.tuner import BaseTuner
 from .config import PromptLearningConfig, fill_from_model_config
 from .inputs import prepare_forward_inputs, prepare_generation_step
@@ -47,6 +49,7 @@ class PromptLearningModel(BaseTuner):
             raise ConfigError("Prefix tuning does not work with gradient checkpointing; turn it off before adding the adapter.")
 
     def _inject(self, adapter_name: str, config: PromptLearningConfig) -> None:
+        check_prompt_adapter_size(config, self.model)  # before anything is allocated or wrapped
         if "prompt_encoder" not in self._modules:
             self.prompt_encoder = nn.ModuleDict()
             self._prompts_enabled = True
@@ -74,7 +77,7 @@ class PromptLearningModel(BaseTuner):
                 self.prompt_encoder[name].requires_grad_(True)
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
-        if not isinstance(adapter_name, str) and len(adapter_name) != 1:
+        if len(adapter_name_list(adapter_name, self.peft_config)) != 1:
             raise ConfigError(f"Prompt learning uses one adapter at a time; got {adapter_name!r}. Pass one name.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 

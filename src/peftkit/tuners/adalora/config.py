@@ -18,7 +18,15 @@ from typing import Optional, Union
 from ...config import PeftConfig
 from ...errors import ConfigError
 from ...utils.peft_types import PeftType
-from ...utils.validation import as_name_set, check_dropout, check_layer_selection, check_rank
+from ...utils.validation import (
+    as_name_set,
+    check_dropout,
+    check_finite,
+    check_layer_selection,
+    check_positive_number,
+    check_rank,
+    check_size_bound,
+)
 from ..lora.config import LoraConfig
 
 _DEFAULT_R = 8  # LoraConfig's default `r`; AdaLoRA ignores `r` and warns when it was changed
@@ -72,7 +80,7 @@ class AdaLoraConfig(LoraConfig):
             raise ConfigError(f"AdaLoraConfig has peft_type {self.peft_type!r}; it must be 'ADALORA'.")
         self.peft_type = PeftType.ADALORA
         self.target_modules = as_name_set(self.target_modules)
-        self.exclude_modules = as_name_set(self.exclude_modules)
+        self.exclude_modules = as_name_set(self.exclude_modules, "exclude_modules")
         check_layer_selection(self)
         check_dropout(self.lora_dropout, "lora_dropout")
         if self.bias not in ("none", "all", "lora_only", "adalora_only"):  # peft: any "<method>_only" is "lora_only"
@@ -87,7 +95,11 @@ class AdaLoraConfig(LoraConfig):
         check_rank(self.init_r, "init_r")
         if isinstance(self.target_r, bool) or not isinstance(self.target_r, int) or self.target_r < 0:
             raise ConfigError(f"target_r={self.target_r!r} is invalid; it must be an integer >= 0 such as 8.")
+        check_size_bound(self.target_r, "target_r")
+        check_positive_number(self.lora_alpha, "lora_alpha")
         self._check_schedule()
+        for name in ("beta1", "beta2", "orth_reg_weight"):
+            check_finite(getattr(self, name), name)
         if self.orth_reg_weight < 0:
             raise ConfigError(f"orth_reg_weight={self.orth_reg_weight!r} is invalid; it must be >= 0 (default 0.5).")
         _check_rank_pattern(self.rank_pattern)

@@ -15,7 +15,7 @@ from typing import Optional, Union
 from ...config import PeftConfig
 from ...errors import ConfigError
 from ...utils.peft_types import PeftType
-from ...utils.validation import as_name_set, check_dropout, check_layer_selection
+from ...utils.validation import as_name_set, check_dropout, check_layer_selection, check_size
 
 ADAPTER_TYPES = ("houlsby", "pfeiffer", "parallel")
 #: Accepted activation names -> the canonical one (swish and silu are the same function).
@@ -82,7 +82,7 @@ class BottleneckConfig(PeftConfig):
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} is not valid; use True or False.")
         self.target_modules = as_name_set(self.target_modules)
-        self.exclude_modules = as_name_set(self.exclude_modules)
+        self.exclude_modules = as_name_set(self.exclude_modules, "exclude_modules")
         check_layer_selection(self)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
@@ -91,8 +91,7 @@ class BottleneckConfig(PeftConfig):
         factor, dim = self.reduction_factor, self.adapter_dim
         if factor is not None and not (_is_number(factor) and factor > 0):
             raise ConfigError(f"reduction_factor={factor!r} is invalid; use a number > 0 such as 16.")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
-            raise ConfigError(f"adapter_dim={dim!r} is invalid; use a positive integer such as 64.")
+        check_size(dim, "adapter_dim", example="64", allow_none=True)
 
     # ------------------------------------------------------------------ resolved settings
     @property

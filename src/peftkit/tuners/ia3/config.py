@@ -46,8 +46,8 @@ class IA3Config(PeftConfig):
             raise ConfigError(f"IA3Config has peft_type {self.peft_type!r}; it must be 'IA3'.")
         self.peft_type = PeftType.IA3
         self.target_modules = as_name_set(self.target_modules)
-        self.exclude_modules = as_name_set(self.exclude_modules)
-        self.feedforward_modules = as_name_set(self.feedforward_modules)
+        self.exclude_modules = as_name_set(self.exclude_modules, "exclude_modules")
+        self.feedforward_modules = as_name_set(self.feedforward_modules, "feedforward_modules")
         if isinstance(self.feedforward_modules, set) and isinstance(self.target_modules, set):
             # peft's rule is a plain subset test; a name that selects targets given as full paths
             # also counts, so configs with "all-linear" expanded (as peft saves them) load again.

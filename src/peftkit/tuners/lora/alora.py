@@ -11,7 +11,8 @@ it. Offsets are found once per call from `input_ids` (`calculate_offsets`), or p
 `alora_offsets=[...]`; during generation each new token lies after the invocation, so a step of
 T new tokens adapts the last min(offset, T) of them. aLoRA works on Linear layers (Embedding
 layers keep plain LoRA, as in peft), cannot be merged, and is not mixed with other adapters in
-one batch.
+one batch. The offsets of a call travel with it (`_core/call_state.py`), not on the layers, so
+concurrent calls with different offsets do not mix.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+from .._core.call_state import alora_offsets
 
 if TYPE_CHECKING:
     from .layer import LoraLayer
@@ -75,7 +78,7 @@ class ALoraVariant:
         layer: "LoraLayer", x: torch.Tensor, adapter_name: str, base_output: Optional[torch.Tensor]
     ) -> torch.Tensor:
         delta = layer._lora_delta_output(x, adapter_name)
-        return delta * token_mask(layer.alora_offsets, delta)
+        return delta * token_mask(alora_offsets(), delta)
 
     @staticmethod
     def merge_factor(layer: "LoraLayer", adapter_name: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -112,7 +112,7 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"LoraConfig has peft_type {self.peft_type!r}; it must be 'LORA'.")
         self.peft_type = PeftType.LORA
         self.target_modules = as_name_set(self.target_modules)
-        self.exclude_modules = as_name_set(self.exclude_modules)
+        self.exclude_modules = as_name_set(self.exclude_modules, "exclude_modules")
         self.modules_to_save = check_optional_name_list(self.modules_to_save, "modules_to_save")
         self.rank_pattern = check_pattern_dict(self.rank_pattern, "rank_pattern")
         self.alpha_pattern = check_pattern_dict(self.alpha_pattern, "alpha_pattern")

@@ -13,7 +13,8 @@ PiSSA (https://arxiv.org/abs/2404.02948) takes the top-r singular triplets, W ~ 
 iterations, much faster on large matrices). OLoRA (https://arxiv.org/abs/2406.01775) takes the
 QR decomposition W = Q R:   A = R[:r],  B = Q[:, :r].
 
-THE BASE MODEL IS MODIFIED IN PLACE. An adapter trained this way only works on top of W_res. To
+THE BASE MODEL IS MODIFIED IN PLACE (put back, exactly, if the add / load creating the adapter
+fails: `_core/base_journal.py`). An adapter trained this way only works on top of W_res. To
 get a plain LoRA adapter that works on the original W, save the adapter once before training and
 pass that folder to `save_pretrained(..., path_initial_model_for_weight_conversion=...)` later
 (see `conversion.py`).
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 
 from ...errors import ConfigError
+from .._core.base_journal import record_base_weight
 
 if TYPE_CHECKING:
     from .layer import LoraLayer
@@ -64,6 +66,7 @@ def init_from_base_weight(layer: "LoraLayer", adapter_name: str, init_lora_weigh
         match = _PISSA_NITER.fullmatch(init_lora_weights)
         weight_a, weight_b = _pissa_factors(weight, rank, scaling, int(match.group(1)) if match else None)
     residual = weight - scaling * weight_b @ weight_a
+    record_base_weight(base.weight)  # put back if the add / load creating this adapter fails (base_journal.py)
     with torch.no_grad():
         layer.lora_A[adapter_name].weight.copy_(weight_a)
         layer.lora_B[adapter_name].weight.copy_(weight_b)

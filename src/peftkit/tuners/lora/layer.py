@@ -47,6 +47,7 @@ from .._core.base_layers import (
     unobserved,
     wraps,
 )
+from .._core.call_state import batch_adapter_names
 from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .alora import ALoraVariant
@@ -93,10 +94,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_bias: dict[str, bool] = {}
         # Per adapter: factors that stay frozen while it trains (MiCA's B), see `BaseTunerLayer.is_frozen`.
         self.frozen_factors: dict[str, tuple[str, ...]] = {}
-        # Set for one call by `LoraModel.mixed_batch`: the adapter of each batch row.
-        self.batch_adapter_names: Optional[tuple[str, ...]] = None
-        # Set for one call by `LoraModel.per_call_context`: aLoRA's per-row offsets (see `alora.py`).
-        self.alora_offsets: Optional[list[Optional[int]]] = None
+        # A call's row adapters (mixed batches) and aLoRA offsets are not kept here: they travel with
+        # the call (`_core/call_state.py`), so that concurrent calls of one model do not mix them.
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
@@ -308,8 +307,9 @@ class LoraLayer(BaseTunerLayer):
             return result
         base_output = result
         result_dtype = result.dtype
-        if self.batch_adapter_names is not None:
-            return (result + self._mixed_batch_delta(x)).to(result_dtype)
+        names = batch_adapter_names()
+        if names is not None:
+            return (result + self._mixed_batch_delta(x, names)).to(result_dtype)
         for adapter_name in self._active_here():
             result = result + self._adapter_output(x, adapter_name, base_output)
         return result.to(result_dtype)
@@ -323,9 +323,10 @@ class LoraLayer(BaseTunerLayer):
             return variant.adapter_output(self, x, adapter_name, base_output)
         return self._lora_delta_output(x, adapter_name)
 
-    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row's own adapter update (see `mixed_batch.py`); Linear overrides with a batched form."""
-        return looped_delta(self, x, self.batch_adapter_names, self._lora_delta_output)
+    def _mixed_batch_delta(self, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """Each row's own adapter update (`names`: the call's row adapters, see `mixed_batch.py`);
+        Linear overrides with a batched form."""
+        return looped_delta(self, x, names, self._lora_delta_output)
 
     # ------------------------------------------------------------------ merging
     def fold(
@@ -408,10 +409,11 @@ class Linear(LoraLayer, nn.Module):
         """
         if self._disable_adapters or self.merged:
             return None
-        if self.batch_adapter_names is None:
+        names = batch_adapter_names()
+        if names is None:
             active = self._active_here()
         else:  # a mixed batch whose rows all use one adapter is that adapter's plain forward
-            active = [name for name in (uniform_adapter(self, x, self.batch_adapter_names),) if name is not None]
+            active = [name for name in (uniform_adapter(self, x, names),) if name is not None]
         if len(active) != 1 or active[0] in self.lora_variant:
             return None
         name = active[0]
@@ -423,10 +425,10 @@ class Linear(LoraLayer, nn.Module):
         dtypes = {x.dtype, base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype}
         return name if len(dtypes) == 1 and (base.bias is None or base.bias.dtype == x.dtype) else None
 
-    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _mixed_batch_delta(self, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         if any(self.lora_bias.values()):  # the batched form stacks B's weights only
-            return super()._mixed_batch_delta(x)
-        return linear_delta(self, x, self.batch_adapter_names)
+            return super()._mixed_batch_delta(x, names)
+        return linear_delta(self, x, names)
 
     def rescaled_low_rank_output(self, x: torch.Tensor, adapter_name: str, channel_scale: torch.Tensor) -> torch.Tensor:
         """As the base class, with the per-channel scale folded into B's rows: (out, r) work, not (tokens, out)."""

@@ -9,7 +9,9 @@ So the adapted weights are computed and passed into the unchanged base forward:
     y = MHA(query, key, value; W_in', W_out')
 
 by swapping them in for the call (`_core.base_layers.tensors_swapped`), so the base weights are never modified by a
-forward and the gradients reach A and B. As in peft, both projections are adapted (one target, "mha"), only when
+forward and the gradients reach A and B. The swap holds a lock per module: concurrent calls of one model run this
+attention one at a time (each with its own weights); re-implementing `nn.MultiheadAttention.forward` on the
+functional op to avoid the lock would copy torch's code. As in peft, both projections are adapted (one target, "mha"), only when
 q, k and v share the embedding size, and without dropout on the adapter path (peft merges the
 weights for the forward, which skips `lora_dropout` the same way). The checkpoint keys are peft's:
 `<mha>.lora_A.<name>.weight` and `<mha>.base_layer.out_proj.lora_A.<name>.weight`.
@@ -32,7 +34,8 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from .._core.base_layers import tensors_swapped, wraps
+from .._core.base_layers import swap_guard, tensors_swapped, wraps
+from .._core.call_state import batch_adapter_names
 from .layer import Linear, LoraLayer
 
 
@@ -92,7 +95,7 @@ class MultiheadAttention(LoraLayer, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.batch_adapter_names is not None:
+        if batch_adapter_names() is not None:
             raise TypeError("lora.MultiheadAttention does not support mixed adapter batches.")
         base = self.get_base_layer()
         if self._disable_adapters and self.merged:
@@ -101,13 +104,14 @@ class MultiheadAttention(LoraLayer, nn.Module):
         if not active:
             return base(query, *args, **kwargs)
         out_proj = self.out_proj_layer
-        in_weight, out_weight = base.in_proj_weight, out_proj.base_layer.weight
-        for name in active:
-            in_weight = in_weight + self.get_delta_weight(name).to(in_weight.dtype)
-            if name in out_proj.r:
-                out_weight = out_weight + out_proj.get_delta_weight(name).to(out_weight.dtype)
-        with tensors_swapped([(base, "in_proj_weight", in_weight), (out_proj.base_layer, "weight", out_weight)]):
-            return base(query, *args, **kwargs)
+        with swap_guard(base):  # the base weights read here are never another call's swapped-in ones
+            in_weight, out_weight = base.in_proj_weight, out_proj.base_layer.weight
+            for name in active:
+                in_weight = in_weight + self.get_delta_weight(name).to(in_weight.dtype)
+                if name in out_proj.r:
+                    out_weight = out_weight + out_proj.get_delta_weight(name).to(out_weight.dtype)
+            with tensors_swapped([(base, "in_proj_weight", in_weight), (out_proj.base_layer, "weight", out_weight)]):
+                return base(query, *args, **kwargs)
 
     # ------------------------------------------------------------------ merging
     def _read_base(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

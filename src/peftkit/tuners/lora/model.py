@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterStateError, ConfigError, TargetModulesError
+from .._core.call_state import call_scope
 from .._core.layer import BaseTunerLayer
 from .._core.matching import pattern_value
 from .._core.module_tree import get_submodules, replace_module
@@ -215,24 +216,21 @@ class LoraModel(BaseTuner):
                 "Cannot pass `adapter_names` when DoRA is enabled. Mixed-adapter batches do not support DoRA "
                 "adapters; run them one adapter at a time."
             )
-        modules = [module for _, module in self.adapter_modules()]
-        names = tuple(adapter_names)  # one immutable copy shared by every layer (their caches key on it)
-        for module in modules:
-            module.batch_adapter_names = names
-        try:
+        # The names travel with the call (a ContextVar, `_core/call_state.py`), not on the shared layers:
+        # concurrent calls from other threads keep their own. One immutable copy (the layers' caches key on it).
+        with call_scope(adapter_names=tuple(adapter_names)):
             yield
-        finally:
-            for module in modules:
-                module.batch_adapter_names = None
 
     @contextmanager
     def per_call_context(self, args: tuple, kwargs: dict[str, Any]) -> Iterator[None]:
         """For one forward / generate call: aLoRA's per-row offsets (`alora.py`), taken from
-        `kwargs["alora_offsets"]` or found in the call's `input_ids`; nothing when no aLoRA is active."""
+        `kwargs["alora_offsets"]` or found in the call's `input_ids`; none when no aLoRA is active.
+        They are per-call state (`_core/call_state.py`): concurrent calls each see their own."""
         offsets = kwargs.pop("alora_offsets", None)
         active = [name for name in self.active_adapters if name in self.peft_config]
         if not any(self.peft_config[name].alora_invocation_tokens for name in active):
-            yield
+            with call_scope(offsets=None):  # none for this call, whatever an enclosing call of another model set
+                yield
             return
         if offsets is None:
             input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
@@ -241,14 +239,10 @@ class LoraModel(BaseTuner):
             else:
                 ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
                 offsets = calculate_offsets(self.peft_config, active[0], ids)
-        layers = [layer for _, layer in self.tuner_layers() if isinstance(layer, LoraLayer)]
-        for layer in layers:
-            layer.alora_offsets = offsets
-        try:
+        if offsets is not None:
+            offsets = tuple(None if offset is None else int(offset) for offset in offsets)
+        with call_scope(offsets=offsets):  # travels with the call (`_core/call_state.py`), as the row names
             yield
-        finally:
-            for layer in layers:
-                layer.alora_offsets = None
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         """Add `adapter_name`, a weighted combination of `adapters` (see `weighted.add_weighted_adapter`).

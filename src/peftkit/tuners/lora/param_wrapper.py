@@ -2,7 +2,8 @@ r"""LoRA on a bare `nn.Parameter` (peft's `target_parameters`): MoE expert stack
 
 Some weights are not held by an `nn.Linear` (e.g. the experts of a mixture-of-experts block are one
 3-D parameter, `gate_up_proj: (experts, in, out)`), so there is no layer whose output to add to.
-Instead the adapted parameter is computed and swapped in for the wrapped module's forward:
+Instead the adapted parameter is computed and swapped in for the wrapped module's forward (under a
+lock per module, `tensors_swapped`: concurrent calls of one model run that forward one at a time):
 
     2-D W (d0, d1):        W' = W + s * B A                A: (r, d1),     B: (d0, r)
     3-D W (E, d1, d2):     W'[e] = W[e] + s * delta_e      A: (E r, in),   B: (out, r E)
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from .._core.base_layers import tensors_swapped
+from .._core.base_layers import swap_guard, tensors_swapped
+from .._core.call_state import batch_adapter_names
 from .layer import LoraLayer
 
 
@@ -116,15 +118,17 @@ class ParamWrapper(LoraLayer, nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.batch_adapter_names is not None:
+        if batch_adapter_names() is not None:
             raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet.")
         if self._disable_adapters and self.merged:
             self.unmerge()
         active = [] if self._disable_adapters or self.merged else self._active_here()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        with tensors_swapped([(self.get_base_layer(), self.parameter_name, self.adapted_param(active))]):
-            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        with swap_guard(base):  # `adapted_param` reads the parameter: never another call's swapped-in one
+            with tensors_swapped([(base, self.parameter_name, self.adapted_param(active))]):
+                return self.base_layer(x, *args, **kwargs)
 
     # ------------------------------------------------------------------ merging into the parameter
     def _read_base(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -89,8 +89,14 @@ class TiedLinear(LoraLayer, nn.Module):
     def _merge_names(self, names: list[str], safe_merge: bool) -> None:
         self.merged_adapters.extend(names)  # nothing to write: the shared weight is the embedding's to merge
 
+    def _check_merge(self, names: list[str], safe_merge: bool) -> None:
+        """Nothing to check: the embedding layer merges the shared weight (and checks it)."""
+
     def unmerge(self) -> None:
         self.merged_adapters.clear()
+
+    def _unmerge_to(self, keep: int) -> None:
+        del self.merged_adapters[keep:]
 
     #: Checkpoints may lack this layer's keys (its tensors are the embedding's): loading does not require them.
     optional_in_checkpoints = True

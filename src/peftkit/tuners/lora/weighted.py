@@ -36,9 +36,17 @@ def _max_rank(config) -> int:
 
 def _plan(tuner: "LoraModel", adapters: list[str], weights: list[float], combination_type: str, svd_rank: Optional[int], density: Optional[float]):
     """Validate the request; return (combination, new rank, new target_modules)."""
+    if isinstance(adapters, str) or not len(adapters):
+        raise ConfigError(
+            f"add_weighted_adapter needs a non-empty list of adapter names to combine, got {adapters!r}; "
+            f"e.g. adapters={sorted(tuner.peft_config)[:2]}, weights=[0.5, 0.5]."
+        )
     tuner._check_adapter_exists(list(adapters))
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise ConfigError(f"weights must be a list of numbers, one per adapter, got {weights!r}.")
     if len(weights) != len(adapters):
         raise ConfigError(f"Got {len(adapters)} adapters but {len(weights)} weights; pass one weight per adapter.")
+    _check_weights(weights)
     for name in adapters:
         if tuner.peft_config[name].target_parameters:
             raise ConfigError(
@@ -78,6 +86,23 @@ def _plan(tuner: "LoraModel", adapters: list[str], weights: list[float], combina
         raise ConfigError("Cannot combine adapters whose target_modules mix regex strings and name lists.")
     new_targets = "|".join(f"({t})" for t in targets) if isinstance(targets[0], str) else reduce(operator.or_, map(set, targets))
     return combination, new_rank, new_targets
+
+
+def _check_weights(weights: list[float]) -> None:
+    """Every weight a finite real number: a NaN/inf weight would silently give a NaN/inf adapter."""
+    bad = []
+    for weight in weights:
+        try:
+            value = float(weight)
+        except (TypeError, ValueError, RuntimeError):
+            value = None
+        if value is None or isinstance(weight, bool) or not math.isfinite(value):
+            bad.append(weight)
+    if bad:
+        raise ConfigError(
+            f"add_weighted_adapter weights must be finite numbers, got {list(weights)!r} (bad: {bad!r}); "
+            "pass one float per adapter, e.g. [0.5, 0.5]."
+        )
 
 
 def add_weighted_adapter(

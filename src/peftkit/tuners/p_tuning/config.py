@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 from ...config import _as_enum
 from ...errors import ConfigError
 from ...utils.peft_types import PeftType
+from ...utils.validation import check_dropout, check_size
 from .._prompt.config import PromptLearningConfig
 
 
@@ -47,8 +48,22 @@ class PromptEncoderConfig(PromptLearningConfig):
         self.encoder_reparameterization_type = _as_enum(
             PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type"
         )
-        if not 0.0 <= float(self.encoder_dropout) < 1.0:
-            raise ConfigError(f"encoder_dropout={self.encoder_dropout!r} is invalid; use a value in [0, 1).")
+        check_dropout(self.encoder_dropout, "encoder_dropout")
+        check_size(self.encoder_hidden_size, "encoder_hidden_size", example="128", allow_none=True)
+        check_size(self.encoder_num_layers, "encoder_num_layers", example="2")
 
     def encoder_updates(self) -> dict[str, Any]:
         return {} if self.encoder_hidden_size is not None else {"encoder_hidden_size": self.token_dim}
+
+    def adapter_elements(self) -> int:
+        """The token table plus the encoder: MLP `d*h + h*h + h*d`, or LSTM (4 gates per direction and
+        layer, `8h(d+h)` for the first, `8h(2h+h)` for the others) and its `2h` MLP head."""
+        d, h = self.token_dim or 1, self.encoder_hidden_size or self.token_dim or 1
+        if self.encoder_reparameterization_type == PromptEncoderReparameterizationType.LSTM:
+            encoder = 8 * h * (d + h) + 8 * h * 3 * h * (self.encoder_num_layers - 1) + 4 * h * h + 2 * h * d
+        else:
+            encoder = 2 * d * h + h * h
+        return super().adapter_elements() + encoder
+
+    def size_fields(self) -> dict[str, Any]:
+        return {**super().size_fields(), "encoder_hidden_size": self.encoder_hidden_size}

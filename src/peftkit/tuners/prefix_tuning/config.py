@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 
 from ...errors import ConfigError
 from ...utils.peft_types import PeftType
+from ...utils.validation import check_size
 from .._prompt.config import PromptLearningConfig
 
 
@@ -37,9 +38,22 @@ class PrefixTuningConfig(PromptLearningConfig):
         self.peft_type = PeftType.PREFIX_TUNING
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f"init_weights={self.init_weights!r} is invalid; use None (random) or 'zero'.")
+        check_size(self.encoder_hidden_size, "encoder_hidden_size", example="128", allow_none=True)
 
     def uses_kv_heads(self) -> bool:
         return True
 
     def encoder_updates(self) -> dict[str, Any]:
         return {} if self.encoder_hidden_size is not None else {"encoder_hidden_size": self.token_dim}
+
+    def adapter_elements(self) -> int:
+        """Key/value prefixes `n x 2*L*d`, or with `prefix_projection` the table `n x d` and the MLP
+        `d*h + h*2*L*d` (n virtual tokens, L layers, d token_dim, h encoder_hidden_size)."""
+        n, d, layers = self.num_virtual_tokens, self.token_dim or 1, self.num_layers or 1
+        if not self.prefix_projection:
+            return n * 2 * layers * d
+        h = self.encoder_hidden_size or d
+        return n * d + d * h + h * 2 * layers * d
+
+    def size_fields(self) -> dict[str, Any]:
+        return {**super().size_fields(), "num_layers": self.num_layers, "encoder_hidden_size": self.encoder_hidden_size}
