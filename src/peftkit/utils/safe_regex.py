@@ -9,7 +9,8 @@ Refused shapes (the ones that make Python's backtracking engine exponential or h
 - longer than MAX_PATTERN_CHARS characters;
 - a repeat inside a repeat: `(a+)+`, `(a*)*`, `(\\w+\\.)*`  (star height > 1);
 - a repeated alternation whose branches can match the same text: `(a|a)*`, `(a|ab)+`, `(|a)*`;
-- two unbounded repeats side by side: `.*.*`, `\\w+\\w*`.
+- three or more unbounded repeats side by side: `.*.*.*`, `\\w+\\w*\\w+` (cubic or worse in the name's
+  length; two, as in `.*.*q`, are quadratic on a module path and accepted, as peft accepts them).
 Lookahead/lookbehind bodies are checked as patterns of their own (`(?!.*vision)` is fine inside a
 repeat). Module paths are dotted names, so realistic target regexes (`.*\\.(q|v)_proj`,
 `^(?!.*vision).*(q_proj|k_proj)$`, `model\\.layers\\.\\d+\\.mlp\\..*`) never hit these rules.
@@ -69,7 +70,7 @@ def compile_config_regex(pattern: str, field: str) -> "re.Pattern[str]":
 
 
 def _check_sequence(items: Any, inside_repeat: bool) -> None:
-    previous_unbounded = False
+    unbounded_run = 0  # unbounded repeats side by side so far
     for op, av in items:
         unbounded = False
         if op in _REPEATS:
@@ -78,8 +79,8 @@ def _check_sequence(items: Any, inside_repeat: bool) -> None:
             unbounded = high == _C.MAXREPEAT
             if repeated and inside_repeat:
                 raise _Unsafe("it has a repeat inside a repeat (like '(a+)+')")
-            if unbounded and previous_unbounded:
-                raise _Unsafe("it has two unbounded repeats side by side (like '.*.*')")
+            if unbounded and unbounded_run >= 2:
+                raise _Unsafe("it has three unbounded repeats side by side (like '.*.*.*')")
             if repeated and _has_ambiguous_branch(body):
                 raise _Unsafe("it repeats an alternation whose branches can match the same text (like '(a|a)*')")
             _check_sequence(body, inside_repeat or repeated)
@@ -99,7 +100,7 @@ def _check_sequence(items: Any, inside_repeat: bool) -> None:
                 if branch is not None:
                     _check_sequence(branch, inside_repeat)
         if op not in _ZERO_WIDTH:
-            previous_unbounded = unbounded
+            unbounded_run = unbounded_run + 1 if unbounded else 0
 
 
 def _has_ambiguous_branch(items: Any) -> bool:
