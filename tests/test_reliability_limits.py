@@ -321,3 +321,12 @@ def test_bad_names_fail_at_add_adapter_and_get_peft_model(name) -> None:
         model.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
     _assert_unchanged(model, before)
     assert list(model.peft_config) == ["default"]
+
+
+def test_a_million_bad_token_indices_give_a_short_error_and_change_nothing() -> None:
+    model = llama()
+    before = _snapshot(model)
+    with pytest.raises(ConfigError, match=r"token indices \[96, 97, .*105\] \(and 999990 more\) are not rows") as info:
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=list(range(96, 96 + 10**6))))
+    assert len(str(info.value)) < 300
+    _assert_unchanged(model, before)

@@ -188,7 +188,8 @@ def _checked_indices(token_indices: Any, num_rows: int) -> list[int]:
     bad = [i for i in token_indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_rows]
     if bad:
         raise ConfigError(
-            f"token indices {bad} are not rows of an embedding with {num_rows} rows; use ints in [0, {num_rows})."
+            f"token indices {bad[:10]}{f' (and {len(bad) - 10} more)' if len(bad) > 10 else ''} are not rows of an "
+            f"embedding with {num_rows} rows; use ints in [0, {num_rows})."
         )
     return list(token_indices)
 
