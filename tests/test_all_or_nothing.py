@@ -349,3 +349,29 @@ def test_bad_weighted_adapter_requests_give_config_errors(adapters, weights, mat
     with pytest.raises(ConfigError, match=match):
         model.add_weighted_adapter(adapters, weights, "combined", combination_type="linear")
     assert "combined" not in model.peft_config
+
+
+def test_failed_safe_merge_checks_the_nested_out_proj_of_mha_before_merging_anything() -> None:
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)  # merged before the attention: it would be merged already
+            self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(*[self.lin(x)] * 3)[0]
+
+    torch.manual_seed(0)
+    model = get_peft_model(Attention(), LoraConfig(target_modules=["mha", "lin"], init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lin.lora_B["default"].weight.mul_(1000.0)  # an unmerge would not give W back bit for bit
+        model.base_model.model.mha.out_proj_layer.lora_B["default"].weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (model.merge_adapter, model.merge_and_unload):  # the two walk the layers in opposite orders
+        with pytest.raises(AdapterStateError, match="NaN"):
+            merge(safe_merge=True)
+        after = model.state_dict()
+        assert sorted(after) == sorted(before)
+        assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).all() for k in before)
+        assert not any(layer.merged for _, layer in model.base_model.tuner_layers())
+        assert not model.base_model.model.mha.out_proj_layer.merged

@@ -130,11 +130,21 @@ class MultiheadAttention(LoraLayer, nn.Module):
         done = len(self.merged_adapters)
         super()._merge_names(names, safe_merge)
         try:
-            out_proj._merge_names([n for n in names if n in out_proj.r and n not in out_proj.merged_adapters], safe_merge)
+            out_proj._merge_names(self._out_proj_names(names), safe_merge)
         except BaseException:
             self._write_base(snapshot, None)
             del self.merged_adapters[done:]
             raise
+
+    def _check_merge(self, names: list[str], safe_merge: bool) -> None:
+        """The tuner's check before merging anything covers both projections."""
+        super()._check_merge(names, safe_merge)
+        self.out_proj_layer._check_merge(self._out_proj_names(names), safe_merge)
+
+    def _out_proj_names(self, names: list[str]) -> list[str]:
+        """Of `names`, those out_proj's layer holds and has not merged yet."""
+        out_proj = self.out_proj_layer
+        return [n for n in names if n in out_proj.r and n not in out_proj.merged_adapters]
 
     def unmerge(self) -> None:
         super().unmerge()
