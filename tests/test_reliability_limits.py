@@ -330,3 +330,26 @@ def test_a_million_bad_token_indices_give_a_short_error_and_change_nothing() -> 
         get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=list(range(96, 96 + 10**6))))
     assert len(str(info.value)) < 300
     _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_absurd_rank_on_target_parameters_is_refused_before_allocating(second) -> None:
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+            self.moe = torch.nn.Module()
+            self.moe.experts = torch.nn.Parameter(torch.randn(4, 16, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    model = get_peft_model(Experts(), LoraConfig(target_parameters=["proj.weight", "moe.experts"], target_modules=[], r=2))
+    before = _snapshot(model)
+    huge = LoraConfig(target_parameters=["proj.weight", "moe.experts"], target_modules=[], r=10**9)
+    with pytest.raises(ConfigError, match=r"r=1000000000 for 'proj\.weight' would add about .* parameter of 256 elements"):
+        if second:
+            model.add_adapter("huge", huge)
+        else:
+            get_peft_model(Experts(), huge)
+    _assert_unchanged(model, before)

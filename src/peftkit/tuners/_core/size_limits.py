@@ -89,13 +89,33 @@ def check_layer_adapter_size(config: Any, layer_kwargs: dict[str, Any], target: 
             continue
         added = size * (n_in + n_out)
         if added > limit:
-            label = _size_label(config, name, size, key)
-            raise ConfigError(
-                f"{label}={size} for {key!r} would add about {added:,} adapter elements to a {type(base).__name__} "
-                f"of {base_elements:,} elements ({n_in} inputs, {n_out} outputs); peftkit refuses more than "
-                f"max({ELEMENTS_FACTOR} x the base layer, 2**26) = {limit:,} as implausible (an untrusted or damaged "
-                f"config?). Use a much smaller {label}: ranks and bottleneck sizes are typically 4 to 256."
-            )
+            _refuse(_size_label(config, name, size, key), size, key, added, type(base).__name__, base_elements,
+                    f"{n_in} inputs, {n_out} outputs", limit)
+
+
+def check_parameter_adapter_size(config: Any, size: Any, param: Any, key: str) -> None:
+    """`check_layer_adapter_size` for LoRA on a bare parameter (`target_parameters`).
+
+    A 2-D (out, in) parameter gets `r * (in + out)` elements, a 3-D (experts, a, b) stack
+    `experts * r * (a + b)`; the limit is `element_limit(the parameter's elements)`.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or param.dim() < 2:
+        return
+    *stack, n_a, n_b = param.shape
+    added = math.prod(stack) * size * (n_a + n_b)
+    limit = element_limit(param.numel())
+    if added > limit:
+        _refuse(_size_label(config, "r", size, key), size, key, added, "parameter", param.numel(),
+                "shape " + "x".join(map(str, param.shape)), limit)
+
+
+def _refuse(label: str, size: int, key: str, added: int, kind: str, base_elements: int, dims: str, limit: int) -> None:
+    raise ConfigError(
+        f"{label}={size} for {key!r} would add about {added:,} adapter elements to a {kind} "
+        f"of {base_elements:,} elements ({dims}); peftkit refuses more than "
+        f"max({ELEMENTS_FACTOR} x the base layer, 2**26) = {limit:,} as implausible (an untrusted or damaged "
+        f"config?). Use a much smaller {label}: ranks and bottleneck sizes are typically 4 to 256."
+    )
 
 
 def check_prompt_adapter_size(config: Any, model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from .._core.layer import BaseTunerLayer
 from .._core.matching import pattern_value
 from .._core.module_tree import get_submodules, replace_module
 from .._core.modules_to_save import ModulesToSaveWrapper
+from .._core.size_limits import check_parameter_adapter_size
 from .._core.tuner import BaseTuner
 from .config import LoraConfig
 from .conversion import convert_mutated_init_to_lora
@@ -99,6 +100,11 @@ class LoraModel(BaseTuner):
             )
         if not found:
             warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.", RuntimeWarning, stacklevel=4)
+        for path, param_name in found:  # every size checked before the first parameter is wrapped
+            key = f"{path}.{param_name}"
+            target = get_submodules(self.model, path)[1]
+            size = self.layer_kwargs(config, adapter_name, key, target).get("r")
+            check_parameter_adapter_size(config, size, _bare_parameter(target, param_name), key)
         for path, param_name in found:
             self._wrap_parameter(adapter_name, config, path, param_name)
         self.targeted_parameter_names = sorted(set(getattr(self, "targeted_parameter_names", [])) | {f"{p}.{n}" for p, n in found})
@@ -253,3 +259,9 @@ class LoraModel(BaseTuner):
         """
         add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
+
+def _bare_parameter(module: nn.Module, name: str) -> torch.Tensor:
+    """`module`'s parameter `name`, looked up through the `base_layer`s of the wrappers around it."""
+    while name not in module._parameters and isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module._parameters[name]
