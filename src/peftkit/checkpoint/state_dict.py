@@ -278,18 +278,16 @@ def _check_values(pairs: Mapping[str, tuple[torch.Tensor, Optional[torch.Tensor]
 
 
 def _shown(keys: list[str]) -> str:
+    """The first 8 keys, and how many there are in all when more."""
     return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 def _describe_key_mismatch(missing: list[str], unexpected: list[str]) -> str:
-    def shown(keys: list[str]) -> str:
-        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
     parts = []
     if missing:
-        parts.append(f"missing from the checkpoint: {shown(missing)}")
+        parts.append(f"missing from the checkpoint: {_shown(missing)}")
     if unexpected:
-        parts.append(f"not in the model: {shown(unexpected)}")
+        parts.append(f"not in the model: {_shown(unexpected)}")
     return (
         "The adapter weights do not fit this model (" + "; ".join(parts) + "). Was it trained on another "
         "base model, or with other target_modules?"

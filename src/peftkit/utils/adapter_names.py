@@ -39,7 +39,7 @@ def validate_adapter_name(name: object) -> str:
         )
     if name == BASE_ADAPTER_NAME:
         raise AdapterNameError(f"Adapter name {name!r} is reserved for 'no adapter'; pick another name.")
-    if hasattr(nn.Module, name) or hasattr(_PROBE, name) or hasattr(nn.ModuleDict, name):
+    if hasattr(_PROBE, name):  # class attributes of Module / ModuleDict and the instance's own
         raise AdapterNameError(
             f"Adapter name {name!r} clashes with a torch.nn.Module attribute; pick another name, e.g. {name.strip('_') + '_adapter'!r}."
         )

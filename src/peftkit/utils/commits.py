@@ -127,7 +127,7 @@ def commit_files(
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CheckpointError(f"save_directory {directory!r} is a file; pass a directory path.")
     for name in list(writers) + list(remove):
-        if not name or os.path.basename(name) != name or name in (".", "..", AREA):
+        if not _is_plain_name(name):
             raise CheckpointError(f"Cannot commit {name!r}: only plain file names inside the folder are allowed.")
     os.makedirs(directory, exist_ok=True)
     with _writer_lock(directory, exclusive=False):
@@ -216,9 +216,7 @@ def _read_journal(directory: str) -> Optional[dict]:
         return None
     except (OSError, ValueError):
         journal = None
-    names_ok = lambda names: isinstance(names, list) and all(  # noqa: E731
-        isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..", AREA) for n in names
-    )
+    names_ok = lambda names: isinstance(names, list) and all(map(_is_plain_name, names))  # noqa: E731
     if (
         not isinstance(journal, dict)
         or not isinstance(journal.get("stage"), str)
@@ -230,6 +228,11 @@ def _read_journal(directory: str) -> Optional[dict]:
         # Written atomically, so damage means someone else wrote it: it names nothing we can trust.
         return {"stage": _STAGE_PREFIX + "unknown", "replace": [], "remove": []}
     return journal
+
+
+def _is_plain_name(name: object) -> bool:
+    """A file name directly inside the folder (not a path, not `.`/`..`, not the private area)."""
+    return isinstance(name, str) and bool(name) and os.path.basename(name) == name and name not in (".", "..", AREA)
 
 
 def _umask() -> int:
@@ -261,21 +264,25 @@ def read_snapshot(directory: str, read: Callable[[], T]) -> T:
     save created one meanwhile.
     """
     lock_path = os.path.join(directory, AREA, _LOCK)
-    for _ in range(3):
-        try:
-            fd = os.open(lock_path, os.O_RDONLY)
-        except OSError:  # no lock (or not ours to open): nothing peftkit commits here, or a read-only copy
-            result = read()
-            if not os.path.exists(lock_path):
-                return result
-            continue  # a save started while we read: read again, under its lock
-        try:
-            with _flock(fd, exclusive=False, what=directory):
-                _refuse_torn_commit(directory)
-                return read()
-        finally:
-            os.close(fd)
-    return read()
+    fd = _open_for_reading(lock_path)
+    if fd is None:  # no lock (or not ours to open): nothing peftkit commits here, or a read-only copy
+        result = read()
+        fd = _open_for_reading(lock_path)  # a peftkit save started while we read: read again, under its lock
+        if fd is None:
+            return result
+    try:
+        with _flock(fd, exclusive=False, what=directory):
+            _refuse_torn_commit(directory)
+            return read()
+    finally:
+        os.close(fd)
+
+
+def _open_for_reading(path: str) -> Optional[int]:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def _refuse_torn_commit(directory: str) -> None:

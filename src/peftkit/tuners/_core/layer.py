@@ -232,7 +232,7 @@ class BaseTunerLayer:
     def _check_merge(self, names: list[str], safe_merge: bool) -> None:
         """Raise what `_merge_names(names, safe_merge)` would raise, writing nothing.
 
-        The tuner calls it on every layer before merging any, so that a failing merge (a NaN/inf
+        `merging.merge_layers` calls it on every layer before merging any, so that a failing merge (a NaN/inf
         under `safe_merge`, a layer that cannot merge) leaves every layer unmerged. The folds are
         computed and dropped: `fold` returns new tensors and `_forget_merge` clears what it kept.
         """

@@ -67,11 +67,17 @@ def is_targeted(config: Any, key: str) -> bool:
 
 def pattern_value(patterns: Mapping[str, Any], key: str, default: Any, field: str = "rank_pattern/alpha_pattern") -> Any:
     """The value of the first `patterns` entry whose regex matches the end of `key` (rank_pattern etc.)."""
-    for pattern, value in patterns.items():
+    pattern = matching_pattern(patterns, key, field)
+    return default if pattern is None else patterns[pattern]
+
+
+def matching_pattern(patterns: Mapping[str, Any], key: str, field: str = "rank_pattern/alpha_pattern") -> Optional[str]:
+    """The first of `patterns` (regexes, rank_pattern-style) that matches the end of `key`, or None."""
+    for pattern in patterns:
         compile_config_regex(pattern, f"{field} key")  # refuses a bad or catastrophic key first
         if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
+            return pattern
+    return None
 
 
 def describe_unmatched(targets: Any, model: nn.Module, config: Any = None) -> str:

@@ -17,13 +17,13 @@ adapter uses are refused.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from torch import nn
 
 from ...errors import ConfigError
 from .layer import BaseTunerLayer
+from .matching import matching_pattern
 
 #: An adapter may add up to this many times the elements of what it adapts ...
 ELEMENTS_FACTOR = 64
@@ -67,9 +67,9 @@ def _size_label(config: Any, name: str, size: int, key: str) -> str:
         return "init_r"
     patterns = getattr(config, "rank_pattern", None) or {}
     if isinstance(patterns, dict) and size != getattr(config, "r", size):
-        for pattern in patterns:  # the first entry matching the end of the path, as `pattern_value`
-            if re.match(rf"(.*\.)?({pattern})$", key):
-                return f"rank_pattern[{pattern!r}]"
+        pattern = matching_pattern(patterns, key, "rank_pattern")  # the entry `pattern_value` took the size from
+        if pattern is not None:
+            return f"rank_pattern[{pattern!r}]"
     return "r"
 
 
@@ -93,12 +93,13 @@ def check_layer_adapter_size(config: Any, layer_kwargs: dict[str, Any], target: 
                     f"{n_in} inputs, {n_out} outputs", limit)
 
 
-def check_parameter_adapter_size(config: Any, size: Any, param: Any, key: str) -> None:
-    """`check_layer_adapter_size` for LoRA on a bare parameter (`target_parameters`).
+def check_parameter_adapter_size(config: Any, size: Any, target: nn.Module, param_name: str, key: str) -> None:
+    """`check_layer_adapter_size` for LoRA on the bare parameter `param_name` of `target` (`target_parameters`).
 
     A 2-D (out, in) parameter gets `r * (in + out)` elements, a 3-D (experts, a, b) stack
     `experts * r * (a + b)`; the limit is `element_limit(the parameter's elements)`.
     """
+    param = getattr(_base_of(target), param_name)  # through the wrappers of other parameters of `target`
     if not isinstance(size, int) or isinstance(size, bool) or param.dim() < 2:
         return
     *stack, n_a, n_b = param.shape

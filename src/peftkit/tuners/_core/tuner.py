@@ -31,36 +31,13 @@ from .base_journal import restoring_base_weights_on_failure
 from .base_layers import record_layout
 from .layer import BaseTunerLayer
 from .matching import describe_unmatched, is_targeted, key_matches
+from .merging import merge_layers, warn_if_merging_tied_targets
 from .module_tree import get_submodules, replace_module, tied_module_names
 from .modules_to_save import AuxiliaryWrapper, ModulesToSaveWrapper
 from .size_limits import check_targets_adapter_size
 from .trainable_tokens import TrainableTokensWrapper, token_targets
 
 AdapterLike = Union[BaseTunerLayer, AuxiliaryWrapper]
-
-#: The layer names by which peft recognises a (possibly tied) embedding when warning about merges.
-_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
-#: The example in peft's warning on merging tied layers (its text, verbatim).
-_UNTIE_EXAMPLE = """
-```python
-from transformers import AutoModelForCausalLM
-
-# Load original tied model
-model = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b-it", tie_word_embeddings=False)
-
-# Set the randomly initialized lm_head to the previously tied embeddings
-model.lm_head.weight.data = model.model.embed_tokens.weight.data.clone()
-
-# Save the untied model
-untied_model_dir = "dir/for/untied/model"
-model.save_pretrained(untied_model_dir)
-model.config.save_pretrained(untied_model_dir)
-
-# Now use the original model but in untied format
-model = AutoModelForCausalLM.from_pretrained(untied_model_dir)
-```
-"""
-
 
 #: Builds a method's layer around `target` if it understands `target`'s (innermost) base layer,
 #: else returns None: `dispatch(target, adapter_name, **layer_kwargs) -> Optional[nn.Module]`.
@@ -538,64 +515,8 @@ class BaseTuner(nn.Module):
         self._check_merge_allowed()
         if adapter_names is not None:
             self._check_adapter_exists(list(adapter_names))
-        self._warn_if_merging_tied_targets()
-        self._merge_layers([layer for _, layer in self.tuner_layers()], safe_merge, adapter_names)
-
-    def _merge_layers(
-        self, layers: list[BaseTunerLayer], safe_merge: bool, adapter_names: Optional[list[str]], progressbar: bool = False
-    ) -> None:
-        """Merge into every layer or, if any fails, into none.
-
-        With `safe_merge`, every layer's merge is computed and checked first (`_check_merge`:
-        NaN/inf, layers that cannot merge), one layer at a time and writing nothing; only then is
-        each written. Any failure while writing (a layer that cannot merge without `safe_merge`,
-        out of memory) unmerges the layers this call merged. Plain merges skip the check: it
-        computes every merge twice.
-        """
-        plans = [(layer, layer._adapters_to_merge(adapter_names)) for layer in layers]
-        plans = [(layer, names) for layer, names in plans if names]
-        if safe_merge:
-            for layer, names in plans:
-                layer._check_merge(names, safe_merge)
-        done: list[tuple[BaseTunerLayer, int]] = []
-        try:
-            for layer, names in tqdm(plans, disable=not progressbar, desc="Merging"):
-                keep = len(layer.merged_adapters)
-                layer._merge_names(names, safe_merge)
-                done.append((layer, keep))
-        except BaseException:
-            for layer, keep in reversed(done):
-                if keep:
-                    layer._unmerge_to(keep)
-                else:
-                    layer.unmerge()  # the layer's own full unmerge (e.g. LoRA's MHA also unmerges out_proj)
-            raise
-
-    def _warn_if_merging_tied_targets(self) -> None:
-        """peft's warning (its text and rule) when merging adapters of layers named like a tied embedding.
-
-        With `tie_word_embeddings`, the output layer's weight *is* the input embedding's: merging a
-        LoRA of either changes both layers, which silently changes the model's logits.
-        """
-        config = getattr(self.model, "config", None)
-        if hasattr(config, "to_dict"):
-            fields = config.to_dict()
-        elif dataclasses.is_dataclass(config):
-            fields = dataclasses.asdict(config)
-        else:
-            fields = config if isinstance(config, dict) else {}
-        if not fields.get("tie_word_embeddings"):
-            return
-        tied_target_modules = [name for name in self.targeted_module_names if name.split(".")[-1] in _EMBEDDING_NAMES]
-        if tied_target_modules:
-            warnings.warn(
-                f"Model with `tie_word_embeddings=True` and the {tied_target_modules=} are part of the adapter. "
-                "This can lead to complications. "
-                "You can opt to merge the adapter after cloning the weights (to untie the embeddings). "
-                "You can untie the embeddings by loading the model with `tie_word_embeddings=False`. For example:"
-                + _UNTIE_EXAMPLE,
-                stacklevel=4,
-            )
+        warn_if_merging_tied_targets(self.model, self.targeted_module_names)
+        merge_layers([layer for _, layer in self.tuner_layers()], safe_merge, adapter_names)
 
     def unmerge_adapter(self) -> None:
         """Undo `merge_adapter`; warns (and does nothing) when nothing is merged."""
@@ -623,9 +544,9 @@ class BaseTuner(nn.Module):
     ) -> nn.Module:
         modules = list(self.adapter_modules())[::-1]  # inner layers before the layers that wrap them
         if merge:  # all layers merged, or (on failure) none and the model still wrapped
-            self._warn_if_merging_tied_targets()
+            warn_if_merging_tied_targets(self.model, self.targeted_module_names)
             layers = [module for _, module in modules if isinstance(module, BaseTunerLayer)]
-            self._merge_layers(layers, safe_merge, adapter_names, progressbar=progressbar)
+            merge_layers(layers, safe_merge, adapter_names, progressbar=progressbar)
         for key, module in tqdm(modules, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "")):
             parent, _, name = get_submodules(self.model, key)
             if isinstance(module, AuxiliaryWrapper):

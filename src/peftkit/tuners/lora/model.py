@@ -104,7 +104,7 @@ class LoraModel(BaseTuner):
             key = f"{path}.{param_name}"
             target = get_submodules(self.model, path)[1]
             size = self.layer_kwargs(config, adapter_name, key, target).get("r")
-            check_parameter_adapter_size(config, size, _bare_parameter(target, param_name), key)
+            check_parameter_adapter_size(config, size, target, param_name, key)
         for path, param_name in found:
             self._wrap_parameter(adapter_name, config, path, param_name)
         self.targeted_parameter_names = sorted(set(getattr(self, "targeted_parameter_names", [])) | {f"{p}.{n}" for p, n in found})
@@ -222,7 +222,7 @@ class LoraModel(BaseTuner):
                 "Cannot pass `adapter_names` when DoRA is enabled. Mixed-adapter batches do not support DoRA "
                 "adapters; run them one adapter at a time."
             )
-        # The names travel with the call (a ContextVar, `_core/call_state.py`), not on the shared layers:
+        # The names travel with the call (per thread, `_core/call_state.py`), not on the shared layers:
         # concurrent calls from other threads keep their own. One immutable copy (the layers' caches key on it).
         with call_scope(adapter_names=tuple(adapter_names)):
             yield
@@ -259,9 +259,3 @@ class LoraModel(BaseTuner):
         """
         add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
-
-def _bare_parameter(module: nn.Module, name: str) -> torch.Tensor:
-    """`module`'s parameter `name`, looked up through the `base_layer`s of the wrappers around it."""
-    while name not in module._parameters and isinstance(getattr(module, "base_layer", None), nn.Module):
-        module = module.base_layer
-    return module._parameters[name]
