@@ -32,6 +32,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BATCH, SEQ, VOCAB = 8, 128, 8000
 
 
@@ -78,11 +79,21 @@ def adapter_config(lib: Any, row: str) -> Any:
         return lib.BottleneckConfig(adapter_type="houlsby", reduction_factor=16, task_type="CAUSAL_LM")
     if row == "qlora":
         return lib.LoraConfig(**lora_kwargs(0.05))
+    if row == "oft":
+        return lib.OFTConfig(oft_block_size=32, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    if row == "boft":
+        # one butterfly factor: peft without its CUDA extension (any CPU) silently trains with one
+        return lib.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=ATTENTION_TARGETS,
+                              task_type="CAUSAL_LM")
+    if row == "vera":
+        return lib.VeraConfig(r=256, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    if row == "fourierft":
+        return lib.FourierFTConfig(n_frequency=1000, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     raise SystemExit(f"unknown row {row!r}")
 
 
 ROWS = ["frozen", "lora_p05", "lora_p0", "dora_p0", "dora_p05", "ia3", "loha", "lokr", "prefix", "bottleneck",
-        "qlora", "full"]
+        "qlora", "oft", "boft", "vera", "fourierft", "full"]
 #: Rows peft cannot run (no such method in peft).
 PEFTKIT_ONLY = {"bottleneck"}
 

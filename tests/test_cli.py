@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from peftkit.cli.data import encode_batch
+from peftkit.cli.features import encode_batch
 from peftkit.cli.errors import CliError
 from peftkit.cli.main import main
 from peftkit.cli.methods import METHOD_NAMES, available_methods, parse_method_flags, peft_type_for
@@ -57,7 +57,7 @@ def test_completion_only_masks_the_prompt(tiny) -> None:
     assert (full["labels"][0] != -100).all()
 
 
-@pytest.mark.parametrize("command", ["train", "merge", "inspect", "compare"])
+@pytest.mark.parametrize("command", ["train", "merge", "inspect", "compare", "chat", "generate"])
 def test_every_command_has_help_with_examples(command, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -70,7 +70,8 @@ def test_every_command_has_help_with_examples(command, capsys) -> None:
     [
         (["train", "--model", "{bert}", "--data", "{root}/missing.csv"], "data file not found"),
         (["train", "--model", "{bert}", "--data", "{cls}", "--method", "nope"], "unknown method 'nope'"),
-        (["train", "--model", "{bert}", "--data", "{cls}", "--label-field", "y"], "no field 'y'"),
+        (["train", "--model", "{bert}", "--data", "{cls}", "--label-field", "y"], "has no 'y' field"),
+        (["train", "--model", "{bert}", "--data", "{cls}", "--task", "seq-cls", "--label-field", "y"], "no field 'y'"),
         (["train", "--model", "{bert}", "--data", "{cls}", "--r"], "needs a value"),
         (["train", "--model", "./no/such/model", "--data", "{cls}"], "model folder not found"),
         (["train", "--model", "{bert}", "--data", "{cls}", "--config", "{root}/none.yaml"], "config file not found"),
@@ -99,9 +100,10 @@ def test_train_seq_cls_csv_then_inspect(tiny, tmp_path) -> None:
     proc = peftkit("train", "--model", tiny["bert"], "--data", tiny["cls"], "--task", "seq-cls", "--method", "lora",
                    "--r", "4", "--target-modules", "query,value", "--epochs", "1", "--batch-size", "8", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval accuracy after training" in proc.stdout and "ex_per_s" in proc.stderr
+    assert "eval accuracy after training" in proc.stdout and "it/s" in proc.stderr  # Trainer's progress bar
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["labels"] == ["neg", "pos"] and metrics["train_steps"] == 5 and "eval_accuracy" in metrics["after"]
+    n_train = int(proc.stdout.split("data: ")[1].split(" train")[0])
+    assert metrics["labels"] == ["neg", "pos"] and metrics["train_steps"] == -(-n_train // 8) and "eval_accuracy" in metrics["after"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["task_type"] == "SEQ_CLS"
     report = peftkit("inspect", out, "--json")

@@ -146,3 +146,17 @@ def test_a_peft_type_registers_once():
     with pytest.raises(ConfigError, match="'LORA' is registered already .*LoraConfig.*peft_type of its own"):
         register_method(PeftType.LORA, PeftConfig, object, prefix="other_")
     assert method_spec(PeftType.LORA) == before
+
+
+def test_runtime_config_is_never_saved_and_ignored_when_read(tmp_path):
+    from peftkit import LoraRuntimeConfig
+
+    config = LoraConfig(r=2, runtime_config=LoraRuntimeConfig(ephemeral_gpu_offload=True))
+    assert config.runtime_config.ephemeral_gpu_offload is True
+    assert "runtime_config" not in config.to_dict()
+    config.save_pretrained(str(tmp_path))
+    assert "runtime_config" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    data = {**config.to_dict(), "runtime_config": {"ephemeral_gpu_offload": True}}
+    with pytest.warns(UserWarning, match="contains a `runtime_config` key. This is ignored"):
+        loaded = LoraConfig.from_dict(data)
+    assert loaded.runtime_config == LoraRuntimeConfig()  # the file's value is not taken

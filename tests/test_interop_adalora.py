@@ -88,9 +88,9 @@ def _defaults(cls) -> dict:
 
 def test_config_fields_and_defaults_match_peft():
     ours, theirs = _defaults(peftkit.AdaLoraConfig), _defaults(peft.AdaLoraConfig)
-    theirs.pop("runtime_config")  # peft's in-memory runtime options, never saved
     assert sorted(ours) == sorted(theirs)
-    differing = {k: (ours[k], theirs[k]) for k in ours if k != "peft_type" and ours[k] != theirs[k]}
+    differing = {k: (ours[k], theirs[k]) for k in ours if k not in ("peft_type", "runtime_config") and ours[k] != theirs[k]}
+    assert ours["runtime_config"].ephemeral_gpu_offload is theirs["runtime_config"].ephemeral_gpu_offload is False
     assert not differing
     assert issubclass(peftkit.AdaLoraConfig, peftkit.LoraConfig)
 

@@ -60,7 +60,7 @@ from .tuners.bottleneck import AdapterConfig, BottleneckConfig, BottleneckModel
 from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
-from .tuners.lora import LoraConfig, LoraModel
+from .tuners.lora import LoraConfig, LoraModel, LoraRuntimeConfig
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -73,6 +73,50 @@ from .integrations.recognition import install as _install_trainer_recognition
 _install_trainer_recognition()
 
 __version__ = "0.1.0"
+
+# Methods of the catalog are imported when first named (`peftkit.OFTConfig`), so `import peftkit`
+# does not import every method folder.
+_CATALOG = {
+    "oft": ("OFTConfig", "OFTModel"),
+    "boft": ("BOFTConfig", "BOFTModel"),
+    "hra": ("HRAConfig", "HRAModel"),
+    "road": ("RoadConfig", "RoadModel"),
+    "psoft": ("PsoftConfig", "PsoftModel"),
+    "vera": ("VeraConfig", "VeraModel"),
+    "pvera": ("PveraConfig", "PveraModel"),
+    "vblora": ("VBLoRAConfig", "VBLoRAModel"),
+    "randlora": ("RandLoraConfig", "RandLoraModel"),
+    "unilora": ("UniLoraConfig", "UniLoraModel"),
+    "tinylora": ("TinyLoraConfig", "TinyLoraModel"),
+    "fourierft": ("FourierFTConfig", "FourierFTModel"),
+    "waveft": ("WaveFTConfig", "WaveFTModel"),
+    "c3a": ("C3AConfig", "C3AModel"),
+    "hira": ("HiraConfig", "HiraModel"),
+    "miss": ("MissConfig", "MissModel"),
+}
+_LAZY_NAMES = {name: folder for folder, names in _CATALOG.items() for name in names}
+
+
+def __getattr__(name: str):
+    folder = _LAZY_NAMES.get(name)
+    if folder is None:
+        raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+    import importlib
+
+    try:
+        module = importlib.import_module(f".tuners.{folder}", __name__)
+    except ModuleNotFoundError as exc:  # hasattr() must see "no such attribute", not an import error
+        if exc.name != f"{__name__}.tuners.{folder}":
+            raise
+        raise AttributeError(f"module 'peftkit' has no attribute {name!r}") from exc
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))
+
 
 __all__ = [
     "AutoPeftModel",
@@ -99,6 +143,7 @@ __all__ = [
     "LoKrModel",
     "LoraConfig",
     "LoraModel",
+    "LoraRuntimeConfig",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "NoMatchingPeftModuleError",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
@@ -149,3 +194,4 @@ __all__ = [
     "set_peft_model_state_dict",
     "shift_tokens_right",
 ]
+__all__ += sorted(_LAZY_NAMES)

@@ -78,8 +78,11 @@ class PeftConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain JSON-ready values (sets become lists, enums their strings)."""
-        return {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """All fields as plain JSON-ready values (sets become lists, enums their strings);
+        run-time-only fields (`runtime_config`) are left out, as peft leaves them out."""
+        return {
+            f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in _IGNORED_KEYS
+        }
 
     def to_json_string(self) -> str:
         """The fields as `adapter_config.json` text (keys sorted, indent 2)."""
@@ -119,7 +122,13 @@ class PeftConfig:
                 f"This config is for peft_type {data['peft_type']!r}, not {expected}; "
                 f"load it with PeftConfig.from_pretrained, which picks the right class."
             )
-        names = {f.name for f in dataclasses.fields(cls)}
+        if "runtime_config" in data:
+            warnings.warn(
+                "The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations "
+                "are only valid at runtime.",
+                stacklevel=3,
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - _IGNORED_KEYS
         unknown = sorted(set(data) - names - _IGNORED_KEYS)
         if unknown:
             warnings.warn(

@@ -84,6 +84,11 @@ def inject_adapter_in_model(
     if peft_config.is_prompt_learning:
         raise ConfigError("inject_adapter_in_model does not support prompt learning; use get_peft_model.")
     tuner_cls = method_spec(peft_config.peft_type).tuner_cls
+    if getattr(tuner_cls, "uses_shared_state", False):  # e.g. VeRA's projections live on the tuner
+        raise ConfigError(
+            f"`inject_adapter_in_model` does not support {peft_config.peft_type} because it uses shared state "
+            "stored on the tuner. Please use `get_peft_model` instead."
+        )
     tuner = tuner_cls(
         model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
     )

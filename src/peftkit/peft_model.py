@@ -356,6 +356,7 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> "PeftModel":
@@ -368,6 +369,8 @@ class PeftModel(nn.Module):
         """
 
         def build(loaded: PeftConfig) -> PeftModel:
+            if hasattr(loaded, "runtime_config"):  # peft's LoRA run-time option (see LoraRuntimeConfig)
+                loaded.runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
             wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(loaded.task_type, PeftModel)
             return wrapper_cls(
                 model, loaded, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage

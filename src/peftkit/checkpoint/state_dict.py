@@ -184,8 +184,15 @@ def set_peft_model_state_dict(
             raise CheckpointError(_describe_key_mismatch(missing, unexpected))
         return IncompatibleKeys(missing, unexpected)
     tuner, _, prefix = _tuner_of(model)
-    target = adapter_tensor_map(model, adapter_name)
     incoming = _strip_prefix(peft_model_state_dict, prefix)
+    # Optional tuner hook (looked up on the class: BaseTuner forwards unknown attributes to the model):
+    # reshape layers to the checkpoint before loading, e.g. BOFT's number of butterfly factors.
+    fit = getattr(type(tuner), "fit_to_checkpoint", None)
+    if fit is not None and adapter_name in getattr(tuner, "peft_config", {}):
+        fit(tuner, adapter_name, incoming, prefix)
+    target = adapter_tensor_map(model, adapter_name)
+    if tuner is not None and adapter_name in tuner.peft_config:
+        incoming = tuner.checkpoint_for_load(adapter_name, incoming, prefix)
     tolerated = tuner.tolerated_checkpoint_keys(adapter_name) if tuner is not None else ()
     unexpected = sorted(k for k in incoming if k not in target and not any(re.match(p, k) for p in tolerated))
     optional_keys = _optional_keys(model, adapter_name)

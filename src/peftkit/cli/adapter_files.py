@@ -50,6 +50,26 @@ class AdapterFolder:
         return None
 
 
+    def label_names(self) -> Optional[list[str]]:
+        """Class names `peftkit train` recorded beside the adapter (`metrics.json` "labels"), if any."""
+        import json
+
+        try:
+            with open(os.path.join(self.path, "metrics.json"), encoding="utf-8") as handle:
+                names = json.load(handle).get("labels")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return [str(name) for name in names] if isinstance(names, list) and names else None
+
+    def base_model(self) -> Optional[str]:
+        """`base_model_name_or_path`; a relative path is read relative to the adapter folder first."""
+        base = self.config.get("base_model_name_or_path")
+        if not base or os.path.isabs(base):
+            return base
+        beside = os.path.join(self.path, base)
+        return beside if os.path.isdir(beside) else base
+
+
 def read_adapter(path: str) -> AdapterFolder:
     """Config and weights of a local adapter folder, read by `checkpoint.adapter_folder`; one-line errors."""
     from peftkit.checkpoint.adapter_folder import locate_adapter, read_config_file

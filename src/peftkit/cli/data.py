@@ -1,8 +1,21 @@
-"""Reading training data for the CLI and turning it into tokenized batches.
+"""Reading training data for the CLI: files in, rows of one known format out.
 
-causal-lm rows: `{"text": ...}` or `{"prompt": ..., "completion": ...}` (JSONL).
-seq-cls rows: `text,label` (CSV or JSONL); labels may be integers or strings (mapped to ids in
-sorted order).
+Files: `.jsonl`, `.json` (an array of objects, an object holding one such array, or JSON lines),
+`.csv`, `.tsv`, `.parquet`, and folders written by `datasets.Dataset.save_to_disk` (a
+`DatasetDict` gives its `train` split, and its `validation` / `test` split for eval).
+
+Row formats, found from the first row's fields (every row must have them):
+
+    seq-cls     text, label               labels integers, or strings mapped to ids in sorted order
+    causal-lm   messages                  [{"role", "content"}, ...]      rendered with the chat template
+                conversations             ShareGPT: [{"from": human|gpt|system, "value"}, ...]
+                instruction, output       Alpaca (+ optional input, system)
+                prompt, completion
+                text
+
+Chat-like rows (messages, conversations, Alpaca) become `{"messages": [...]}`; Alpaca rows keep a
+`"format": "alpaca"` mark so that a tokenizer without a chat template can fall back to the Alpaca
+prompt text (`tokenize.py`).
 """
 
 from __future__ import annotations
@@ -11,11 +24,9 @@ import csv
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import torch
+from typing import Any
 
 from .errors import CliError
 
@@ -30,43 +41,169 @@ class Fields:
     completion: str = "completion"
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
 def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of a `.jsonl`/`.json` or `.csv`/`.tsv` file as dicts."""
+    """Rows of a data file or `save_to_disk` folder as dicts (the `train` split of a DatasetDict)."""
+    return read_splits(path)[0]
+
+
+def read_splits(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, eval rows): eval rows only from a DatasetDict folder with a validation/test split."""
+    if os.path.isdir(path):
+        return _read_saved_dataset(path)
     if not os.path.isfile(path):
         raise CliError(f"data file not found: {path}")
     if path.endswith((".csv", ".tsv")):
         with open(path, encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
+    elif path.endswith(".parquet"):
+        rows = _read_parquet(path)
     else:
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise CliError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        rows = _read_json(path)
     if not rows:
         raise CliError(f"data file {path} has no rows")
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise CliError(f"{path}: row {bad + 1} is a {type(rows[bad]).__name__}, not an object of fields")
+    return rows, []
+
+
+def _read_json(path: str) -> list[Any]:
+    """A JSON array (or an object with one array value), else JSON lines with line numbers in errors."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return list(data)
+    if stripped.startswith("{") and path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # JSON lines in a .json file
+        if isinstance(data, dict):
+            arrays = [value for value in data.values() if isinstance(value, list)]
+            if len(arrays) != 1:
+                raise CliError(f"{path}: a JSON object must hold exactly one array of rows (found {len(arrays)})")
+            return arrays[0]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise CliError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
     return rows
 
 
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise CliError("reading Parquet files and dataset folders needs the `datasets` package (pip install datasets)") from exc
+    return datasets
+
+
+def _read_parquet(path: str) -> list[dict[str, Any]]:
+    return _datasets().Dataset.from_parquet(path).to_list()
+
+
+def _read_saved_dataset(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    datasets = _datasets()
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as exc:
+        raise CliError(f"{path} is a folder but not one written by datasets' save_to_disk ({exc})") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise CliError(f"{path}: the DatasetDict has no 'train' split (splits: {', '.join(loaded)})")
+        held_out = next((loaded[name] for name in ("validation", "test") if name in loaded), None)
+        return loaded["train"].to_list(), held_out.to_list() if held_out is not None else []
+    return loaded.to_list(), []
+
+
 def normalise_rows(rows: list[dict[str, Any]], task: str, fields: Fields, path: str) -> list[dict[str, Any]]:
-    """Check the fields and return rows as `{"text", "label"}` or `{"prompt", "completion"}`/`{"text"}`."""
+    """Check the fields and return rows in one of the shapes of the module docstring."""
     first = rows[0]
     if task == "seq-cls":
         for name in (fields.text, fields.label):
             if name not in first:
                 raise CliError(f"{path}: no field {name!r} (found {sorted(first)}); use --text-field/--label-field")
-        return [{"text": str(row[fields.text]), "label": row[fields.label]} for row in rows]
-    if fields.prompt in first and fields.completion in first:
-        return [{"prompt": str(row[fields.prompt]), "completion": str(row[fields.completion])} for row in rows]
-    if fields.text in first:
-        return [{"text": str(row[fields.text])} for row in rows]
-    raise CliError(
-        f"{path}: causal-lm data needs a {fields.text!r} field or {fields.prompt!r} + {fields.completion!r} fields "
-        f"(found {sorted(first)})"
-    )
+        return [{"text": str(_field(row, fields.text, path, i)), "label": _field(row, fields.label, path, i)}
+                for i, row in enumerate(rows)]
+    kind = data_format(first, fields)
+    if kind is None:
+        raise CliError(
+            f"{path}: causal-lm rows need 'messages', 'conversations', 'instruction' + 'output', "
+            f"{fields.prompt!r} + {fields.completion!r} or {fields.text!r} fields (found {sorted(first)})"
+        )
+    return [_normalise(row, kind, fields, path, index) for index, row in enumerate(rows)]
+
+
+def data_format(row: dict[str, Any], fields: Fields = Fields()) -> str | None:
+    """Which format a row is in: messages, sharegpt, alpaca, prompt-completion, text, labelled, or None."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if fields.prompt in row and fields.completion in row:
+        return "prompt-completion"
+    if fields.text in row and fields.label in row:
+        return "labelled"
+    if fields.text in row:
+        return "text"
+    return None
+
+
+def _field(row: dict[str, Any], name: str, path: str, index: int) -> Any:
+    if name not in row or row[name] is None:
+        raise CliError(f"{path}: row {index + 1} has no {name!r} field (the first row has it)")
+    return row[name]
+
+
+def _normalise(row: dict[str, Any], kind: str, fields: Fields, path: str, index: int) -> dict[str, Any]:
+    if kind == "messages":
+        return {"messages": _messages(_field(row, "messages", path, index), "role", "content", path, index)}
+    if kind == "sharegpt":
+        return {"messages": _messages(_field(row, "conversations", path, index), "from", "value", path, index)}
+    if kind == "alpaca":
+        user = str(_field(row, "instruction", path, index))
+        if row.get("input"):
+            user = f"{user}\n\n{row['input']}"
+        messages = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        messages += [{"role": "user", "content": user},
+                     {"role": "assistant", "content": str(_field(row, "output", path, index))}]
+        return {"messages": messages, "format": "alpaca"}
+    if kind == "prompt-completion":
+        return {"prompt": str(_field(row, fields.prompt, path, index)),
+                "completion": str(_field(row, fields.completion, path, index))}
+    return {"text": str(_field(row, fields.text, path, index))}
+
+
+def _messages(turns: Any, role_key: str, content_key: str, path: str, index: int) -> list[dict[str, str]]:
+    """Turns as `{"role", "content"}` with roles user / assistant / system / tool."""
+    if not isinstance(turns, list) or not turns:
+        raise CliError(f"{path}: row {index + 1}: the conversation must be a non-empty list of turns")
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise CliError(f"{path}: row {index + 1}: each turn needs {role_key!r} and {content_key!r} (got {turn!r:.80})")
+        role = SHAREGPT_ROLES.get(str(turn[role_key]).lower())
+        if role is None:
+            raise CliError(f"{path}: row {index + 1}: unknown role {turn[role_key]!r}; use one of {sorted(SHAREGPT_ROLES)}")
+        out.append({"role": role, "content": str(turn[content_key])})
+    if not any(turn["role"] == "assistant" for turn in out):
+        raise CliError(f"{path}: row {index + 1}: the conversation has no assistant turn to learn from")
+    return out
 
 
 def label_ids(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -95,63 +232,3 @@ def split_rows(
     if n_eval >= len(order):
         raise CliError(f"not enough rows ({len(order)}) for an eval split of {eval_fraction}")
     return order[n_eval:], order[:n_eval]
-
-
-def encode_batch(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, task: str, max_length: int, completion_only: bool
-) -> dict[str, torch.Tensor]:
-    """Tokenize one batch with labels (class ids, or token ids with -100 on padding/prompt)."""
-    if task == "seq-cls":
-        enc = tokenizer(
-            [r["text"] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        enc["labels"] = torch.tensor([r["label"] for r in rows])
-        return dict(enc)
-    return _encode_causal(rows, tokenizer, max_length, completion_only)
-
-
-def _encode_causal(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, completion_only: bool
-) -> dict[str, torch.Tensor]:
-    """Right-padded ids; labels mask padding and, with `completion_only`, the prompt tokens."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    sequences, prompt_lengths = [], []
-    for row in rows:
-        if "prompt" in row:
-            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                completion = completion + [tokenizer.eos_token_id]
-            ids = (prompt + completion)[:max_length]
-            prompt_lengths.append(len(prompt) if completion_only else 0)
-        else:
-            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"][:max_length]
-            prompt_lengths.append(0)
-        sequences.append(ids or [pad_id])
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        labels[i, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def batches(
-    rows: Sequence[dict[str, Any]],
-    tokenizer: Any,
-    task: str,
-    batch_size: int,
-    max_length: int,
-    completion_only: bool = False,
-    shuffle_seed: Optional[int] = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield encoded batches; shuffled when `shuffle_seed` is given."""
-    order = list(range(len(rows)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[start : start + batch_size]]
-        yield encode_batch(chunk, tokenizer, task, max_length, completion_only)

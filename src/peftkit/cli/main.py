@@ -10,7 +10,7 @@ from typing import Optional
 
 from .errors import CliError
 
-DESCRIPTION = """peftkit: train, merge, inspect and compare parameter-efficient adapters (peft format).
+DESCRIPTION = """peftkit: train, merge, inspect, compare and chat with parameter-efficient adapters (peft format).
 
 examples:
   peftkit train                                  # LoRA on MiniLM with the bundled data (a few minutes)
@@ -18,12 +18,13 @@ examples:
   peftkit merge out/adapter --out merged/
   peftkit inspect out/adapter
   peftkit compare --model ./tiny --methods lora,ia3,prompt --train-steps 5
+  peftkit chat --adapter out/adapter             # try a causal-LM adapter, streamed
 run `peftkit COMMAND --help` for each command's options."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from . import compare, inspect, merge, train
+    from . import chat, compare, inspect, merge, train
 
     parser = argparse.ArgumentParser(
         prog="peftkit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (train, merge, inspect, compare):
+    for module in (train, merge, inspect, compare, chat):
         module.add_parser(subparsers)
     for sub in subparsers.choices.values():
         sub.allow_abbrev = False
@@ -52,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.handler(args, extra) or 0)
     except CliError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), exc.exit_status)
     except FileNotFoundError as exc:
         return _fail(f"file not found: {exc.filename or exc}")
     except ValueError as exc:  # peftkit's own errors subclass ValueError and are written as one sentence
@@ -61,9 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail("interrupted")
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = 2) -> int:
     print(f"peftkit: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     quiet_transformers()
     adapter = read_adapter(args.adapter)
-    base_id = args.base or adapter.config.get("base_model_name_or_path")
+    base_id = args.base or adapter.base_model()
     if not base_id:
         raise CliError("the adapter does not name its base model; pass --base MODEL")
     spec = adapter.spec  # None for an unknown peft_type: loading the adapter below says so
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise CliError(f"{spec.peft_type} adapters {reason} be merged into weights")
     task = adapter.task or "causal-lm"
     tokenizer = _try_tokenizer(base_id)
-    base = load_model(base_id, task, adapter.num_labels(), tokenizer)
+    base = load_model(base_id, task, adapter.num_labels(), tokenizer, label_names=adapter.label_names())
     model = PeftModel.from_pretrained(base, args.adapter)
     merged = model.merge_and_unload(safe_merge=args.safe_merge)
     merged.save_pretrained(args.out)

@@ -49,7 +49,7 @@ _FALLBACK_TRAIN_STEPS = 1000
 #: Fields given as comma-separated lists on the command line.
 _LIST_FIELDS = {"target_modules", "modules_to_save", "exclude_modules", "feedforward_modules", "layers_to_transform"}
 #: Fields the CLI sets itself; a user value would conflict with the task.
-_RESERVED = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "peft_version", "auto_mapping"}
+_RESERVED = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "peft_version", "auto_mapping", "runtime_config"}
 
 
 def available_methods() -> list[str]:
@@ -88,6 +88,8 @@ def parse_value(field_name: str, text: str) -> Any:
     List fields split on commas, so `--target-modules query,value` gives ["query", "value"].
     """
     if field_name in _LIST_FIELDS:
+        if text == "all-linear":  # peft's keyword value, not a one-item list
+            return text
         if text.startswith("["):
             return json.loads(text)
         items = [item.strip() for item in text.split(",") if item.strip()]

@@ -54,18 +54,69 @@ def load_tokenizer(model: str) -> Any:
     return tokenizer
 
 
-def load_model(model: str, task: str, num_labels: Optional[int] = None, tokenizer: Any = None) -> nn.Module:
-    """`AutoModelForCausalLM` or `AutoModelForSequenceClassification` from a folder or hub id."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def model_architectures(model: str) -> list[str]:
+    """`config.architectures` of a model folder or hub id ([] when it names none)."""
+    from transformers import AutoConfig
 
     _check_model_id(model)
     try:
+        return list(AutoConfig.from_pretrained(model).architectures or [])
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the config of model {model}: {str(exc).splitlines()[0]}") from exc
+
+
+def _bitsandbytes_on_gpu() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def load_model(
+    model: str,
+    task: str,
+    num_labels: Optional[int] = None,
+    tokenizer: Any = None,
+    label_names: Optional[list[str]] = None,
+    quantize: Optional[str] = None,
+    compute_dtype: Any = None,
+) -> nn.Module:
+    """`AutoModelForCausalLM` or `AutoModelForSequenceClassification` from a folder or hub id.
+
+    `label_names` become the classifier's `id2label` / `label2id`. `quantize="4bit"` / `"8bit"`
+    stores the linear layers in NF4 / int8: with bitsandbytes on a GPU through transformers'
+    `BitsAndBytesConfig`, otherwise with peftkit's own layers (any device, CPU included).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_model_id(model)
+    kwargs: dict[str, Any] = {}
+    if task == "seq-cls":
+        kwargs["num_labels"] = len(label_names) if label_names else (num_labels or 2)
+        if label_names:
+            kwargs["id2label"] = dict(enumerate(label_names))
+            kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    compute_dtype = compute_dtype or torch.float32
+    quant_fields = {"load_in_4bit": quantize == "4bit", "load_in_8bit": quantize == "8bit",
+                    "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": compute_dtype}
+    on_gpu_bnb = quantize is not None and _bitsandbytes_on_gpu()
+    if on_gpu_bnb:
+        from transformers import BitsAndBytesConfig
+
+        kwargs.update(quantization_config=BitsAndBytesConfig(**quant_fields), device_map={"": 0})
+    try:
         if task == "seq-cls":
-            loaded = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels or 2)
+            loaded = AutoModelForSequenceClassification.from_pretrained(model, **kwargs)
         else:
-            loaded = AutoModelForCausalLM.from_pretrained(model)
+            loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot load model {model} for {task}: {str(exc).splitlines()[0]}") from exc
+    if quantize is not None and not on_gpu_bnb:
+        from peftkit.quantization import QuantizationConfig, quantize_model
+
+        loaded = quantize_model(loaded, QuantizationConfig(**quant_fields))
     if tokenizer is not None and getattr(loaded.config, "pad_token_id", None) is None:
         loaded.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer is not None and len(tokenizer) > loaded.get_input_embeddings().num_embeddings:

@@ -21,6 +21,22 @@ class PeftType(str, enum.Enum):
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
     BOTTLENECK = "BOTTLENECK"
+    OFT = "OFT"
+    BOFT = "BOFT"
+    HRA = "HRA"
+    ROAD = "ROAD"
+    PSOFT = "PSOFT"
+    VERA = "VERA"
+    PVERA = "PVERA"
+    VBLORA = "VBLORA"
+    RANDLORA = "RANDLORA"
+    UNILORA = "UNILORA"
+    TINYLORA = "TINYLORA"
+    FOURIERFT = "FOURIERFT"
+    WAVEFT = "WAVEFT"
+    C3A = "C3A"
+    HIRA = "HIRA"
+    MISS = "MISS"
 
     def __str__(self) -> str:
         return self.value

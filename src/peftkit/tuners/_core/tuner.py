@@ -57,6 +57,9 @@ class BaseTuner(nn.Module):
     #: For error messages: the method's name and the layer types its dispatchers accept.
     display_name: ClassVar[str] = ""
     supported_layers: ClassVar[str] = ""
+    #: True when adapter tensors live on the tuner itself (VeRA's projections, VB-LoRA's bank):
+    #: `inject_adapter_in_model`, which keeps no tuner, refuses such methods (as peft does).
+    uses_shared_state: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -156,6 +159,13 @@ class BaseTuner(nn.Module):
         """Hook: the tensors to save for `adapter_name` (keys start with `prefix`); e.g. AdaLoRA prunes ranks.
 
         Return a new dict; the default saves `state` as it is.
+        """
+        return state
+
+    def checkpoint_for_load(self, adapter_name: str, state: dict[str, "torch.Tensor"], prefix: str) -> dict[str, "torch.Tensor"]:
+        """Hook: checkpoint tensors (keys start with `prefix`) as this model's tensors expect them; the
+        inverse of `state_for_save` (e.g. VB-LoRA's top-k logits). Return a new dict; the default loads
+        `state` as it is.
         """
         return state
 
@@ -592,8 +602,10 @@ def _parameters_on_meta(enabled: bool) -> Iterator[None]:
 def _refuse_unsaved_meta(tuner: BaseTuner, adapter_name: str) -> None:
     """Meta tensors of the new adapter that checkpoints do not hold could never be loaded: refuse them."""
     left = []
+    # Tensors the tuner itself saves (e.g. TinyLoRA's shared vectors) are in checkpoints too.
+    extra = {id(tensor) for tensor in tuner.extra_adapter_state(adapter_name).values()}
     for key, layer in tuner.tuner_layers():
-        saved = {id(tensor) for tensor in layer.adapter_state(adapter_name, key).values()}
+        saved = extra | {id(tensor) for tensor in layer.adapter_state(adapter_name, key).values()}
         left += [
             f"{key}.{name}"
             for name, param in layer.named_parameters()

@@ -2,7 +2,7 @@
 
 from ...registry import MERGE, MIXED_BATCH, QUANTIZED_BASE, WEIGHTED_COMBINATION, MethodSpec
 from ...utils.peft_types import PeftType
-from .config import LoraConfig
+from .config import LoraConfig, LoraRuntimeConfig
 from .layer import Conv, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
@@ -16,4 +16,4 @@ METHOD = MethodSpec(
     rank_dims={"lora_A.weight": 0, "lora_B.weight": 1, "lora_embedding_A": 0, "lora_embedding_B": 1},
 )
 
-__all__ = ["METHOD", "Conv", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]
+__all__ = ["METHOD", "Conv", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]

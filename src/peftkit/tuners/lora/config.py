@@ -26,6 +26,19 @@ _INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica")
 
 
 @dataclass
+class LoraRuntimeConfig:
+    """Settings that hold for this process only: never written to, nor read from, adapter_config.json.
+
+    Args:
+        ephemeral_gpu_offload: peft's option to copy CPU-offloaded tensors to the GPU for heavy
+            operations (DoRA's initial weight norm). peftkit computes on the tensors' own device,
+            so the flag is kept for code written for peft and changes nothing.
+    """
+
+    ephemeral_gpu_offload: bool = False
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """Configuration of a LoRA adapter: `y = W x + scaling * B A dropout(x)`.
 
@@ -89,6 +102,7 @@ class LoraConfig(PeftConfig):
     arrow_config: Optional[Any] = None
     kasa_config: Optional[Any] = None
     ensure_weight_tying: bool = False
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata={"help": "Not saved"})
 
     # peft fields whose features peftkit does not implement yet: they must keep their defaults.
     unsupported_fields: ClassVar[dict[str, Any]] = {

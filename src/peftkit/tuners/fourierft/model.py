@@ -1,0 +1,87 @@
+"""`FourierFTModel`: the FourierFT tuner -- wraps targeted `nn.Linear` / `Conv1D` modules.
+
+Checkpoints (as peft writes them) hold one tensor per wrapped module, `<module>.fourierft_spectrum`
+(n_frequency,); the frequency locations are not saved but drawn again from `random_loc_seed`.
+With `bias="all"` / `"fourier_only"` the trained biases are saved under their module paths too.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .._core.base_layers import base_of
+from ..vblora.shared import SharedTensorsTuner, refuse_unsupported
+from .config import FourierFTConfig
+from .constants import FOURIERFT_TARGET_MODULES_BY_MODEL_TYPE
+from .layer import SUPPORTED_LAYERS, FourierFTLayer, dispatch_linear
+
+
+def fourierft_pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+    """peft's FourierFT rule: the first pattern matching `.*\\.<pattern>$` of the module path, else the
+    entry named exactly by the path, else `default`."""
+    for pattern in patterns:
+        if re.match(rf".*\.{pattern}$", key):
+            return patterns[pattern]
+    return patterns.get(key, default)
+
+
+def correct_fan_in_fan_out(config: Any, target: nn.Module) -> None:
+    """As peft: the base decides the layout; a config saying otherwise is corrected, with peft's warning."""
+    base = base_of(target)
+    if isinstance(base, nn.Linear) and config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.",
+            stacklevel=6,
+        )
+        config.fan_in_fan_out = False
+    elif isinstance(base, Conv1D) and not config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+            stacklevel=6,
+        )
+        config.fan_in_fan_out = True
+
+
+class SpectralTuner(SharedTensorsTuner):
+    """What the FourierFT and WaveFT tuners share: no shared tensors, peft's bias options and
+    fan_in_fan_out correction, and the unsupported-layer TypeError."""
+
+    shared_containers: dict[str, bool] = {}
+
+    def new_layer_kwargs(self, config: Any, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        correct_fan_in_fan_out(config, target)
+        return {}
+
+    def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
+        # With bias="all", peft also writes a head's `original_module.bias` / `modules_to_save.bias`.
+        if self.peft_config[adapter_name].bias == "all":
+            return (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
+        return ()
+
+
+class FourierFTModel(SpectralTuner):
+    """Creates FourierFT adapters on a model: `FourierFTModel(model, FourierFTConfig(...), "default")`.
+
+    Usually built through `get_peft_model`; `model.base_model` of a `PeftModel` is this object.
+    """
+
+    prefix = "fourierft_"
+    default_target_modules = FOURIERFT_TARGET_MODULES_BY_MODEL_TYPE
+    layer_cls = FourierFTLayer
+    dispatchers = (dispatch_linear, refuse_unsupported("FourierFT", SUPPORTED_LAYERS))
+    display_name = "FourierFT"
+    supported_layers = SUPPORTED_LAYERS
+
+    def layer_kwargs(self, config: FourierFTConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        return {
+            "n_frequency": fourierft_pattern_value(config.n_frequency_pattern, key, config.n_frequency),
+            "scaling": config.scaling,
+            "random_loc_seed": config.random_loc_seed,
+            "init_weights": config.init_weights,
+        }

@@ -1,0 +1,199 @@
+"""`TinyLoraModel`: the TinyLoRA tuner -- owns the trainable vectors v and wraps Linear / Conv1D / Embedding.
+
+Targets are numbered in module order (peft's rule, over every module the config selects); number
+i seeds its projection with `projection_seed + i` and, with `weight_tying`, falls in group
+`min(i // group_size, groups - 1)`, `groups = max(1, round(n * (1 - weight_tying)))`. The groups'
+vectors live in `self.tinylora_v[adapter][str(group)]` and are saved once each, as peft does:
+`base_model.tinylora_v.<group>`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...errors import ConfigError
+from .._core.matching import is_targeted
+from .._core.modules_to_save import ModulesToSaveWrapper
+from .._core.tuner import BaseTuner
+from ..lora.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
+from .config import TinyLoraConfig
+from .layer import SUPPORTED_LAYERS, TinyLoraLayer, dispatch_embedding, dispatch_linear
+
+#: peft's TinyLoRA defaults are LoRA's: the query/value projections per architecture.
+TINYLORA_TARGET_MODULES_BY_MODEL_TYPE: dict[str, Any] = dict(LORA_TARGET_MODULES_BY_MODEL_TYPE)
+
+#: Checkpoint key of a group's vector, below the PeftModel (not below the wrapped model).
+VECTOR_KEY = "base_model.tinylora_v."
+
+_NUMBERED_KINDS = (nn.Linear, Conv1D, nn.Embedding, TinyLoraLayer)
+
+
+def group_of(index: int, num_targets: int, weight_tying: float) -> int:
+    """The vector group of target number `index` of `num_targets` (peft's rounding: Python's round)."""
+    num_groups = max(1, round(num_targets * (1.0 - weight_tying)))
+    group_size = max(1, num_targets // num_groups)
+    return min(index // group_size, num_groups - 1)
+
+
+class TinyLoraModel(BaseTuner):
+    """Creates TinyLoRA adapters on a model: `TinyLoraModel(model, TinyLoraConfig(...), "default")`.
+
+    Usually built through `get_peft_model`; `model.base_model` of a `PeftModel` is this object.
+    """
+
+    prefix = "tinylora_"
+    uses_shared_state = True  # the shared v vectors live on the tuner
+    default_target_modules = TINYLORA_TARGET_MODULES_BY_MODEL_TYPE
+    layer_cls = TinyLoraLayer
+    dispatchers = (dispatch_embedding, dispatch_linear)
+    display_name = "TinyLoRA"
+    supported_layers = SUPPORTED_LAYERS
+
+    # ------------------------------------------------------------------ the shared vectors
+    def _vector_dicts(self) -> nn.ModuleDict:
+        """adapter name -> ParameterDict(group -> v); made on first use (the core injects in __init__)."""
+        if "tinylora_v" not in self._modules:
+            self.tinylora_v = nn.ModuleDict({})
+        return self._modules["tinylora_v"]
+
+    def _target_numbers(self, config: TinyLoraConfig, adapter_name: str, key: str) -> dict[str, int]:
+        """Module path -> number of every module `config` selects (rebuilt when `key` is new, as peft)."""
+        cache: dict[str, dict[str, int]] = self.__dict__.setdefault("_target_key_to_idx", {})
+        numbers = cache.get(adapter_name)
+        if numbers is None or key not in numbers:
+            numbers = {}
+            for name, module in self.model.named_modules():
+                if name and isinstance(module, _NUMBERED_KINDS) and is_targeted(config, name):
+                    numbers[name] = len(numbers)
+            numbers.setdefault(key, len(numbers))  # a target named by a state_dict only
+            cache[adapter_name] = numbers
+        return numbers
+
+    def _new_vector(self, config: TinyLoraConfig, target: nn.Module) -> nn.Parameter:
+        """v of one group, in the target's weight dtype: zeros, uniform, or left empty (init_weights=False)."""
+        weight = getattr(target, "weight", None)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+        vector = torch.empty(config.u, dtype=dtype)
+        if config.init_weights is True:
+            nn.init.zeros_(vector)
+        elif config.init_weights == "uniform":
+            nn.init.uniform_(vector, -config.init_v_bound, config.init_v_bound)
+        return nn.Parameter(vector)
+
+    def _init_tinylora_v(self, config: TinyLoraConfig, adapter_name: str) -> None:
+        """Draw every vector of `adapter_name` again from U(-init_v_bound, init_v_bound) (peft's name)."""
+        for vector in self._vector_dicts()[adapter_name].values() if adapter_name in self._vector_dicts() else ():
+            with torch.no_grad():
+                nn.init.uniform_(vector, -config.init_v_bound, config.init_v_bound)
+
+    # ------------------------------------------------------------------ the method contract
+    def layer_kwargs(self, config: TinyLoraConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
+        numbers = self._target_numbers(config, adapter_name, key)
+        group = str(group_of(numbers[key], len(numbers), config.weight_tying))
+        dicts = self._vector_dicts()
+        if adapter_name not in dicts:
+            dicts[adapter_name] = nn.ParameterDict({})
+        if group not in dicts[adapter_name]:
+            dicts[adapter_name][group] = self._new_vector(config, target)
+        return {
+            "vectors": dicts[adapter_name],
+            "v_key": group,
+            "r": config.r,
+            "u": config.u,
+            "projection_seed": config.projection_seed,
+            "save_projection": config.save_projection,
+            "tinylora_dropout": config.tinylora_dropout,
+        }
+
+    def new_layer_kwargs(
+        self, config: TinyLoraConfig, adapter_name: str, key: str, target: nn.Module
+    ) -> dict[str, Any]:
+        # As peft: the base decides the layout, with peft's warnings (embeddings ignore the flag).
+        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+        if isinstance(base, nn.Linear) and config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                "Setting fan_in_fan_out to False.",
+                stacklevel=5,
+            )
+            config.fan_in_fan_out = False
+        elif isinstance(base, Conv1D) and not config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                stacklevel=5,
+            )
+            config.fan_in_fan_out = True
+        return {"layer_idx": self._target_numbers(config, adapter_name, key)[key]}
+
+    def _check_new_adapter_config(self, config: TinyLoraConfig) -> None:
+        with_bias = [name for name, other in self.peft_config.items() if other.bias != "none"]
+        if with_bias and config.bias != "none":
+            raise ConfigError(
+                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
+                f"set bias to 'none' for all adapters (adapter {with_bias[0]!r} has "
+                f"bias={self.peft_config[with_bias[0]].bias!r})."
+            )
+        values = sorted({other.save_projection for other in self.peft_config.values()} | {config.save_projection})
+        if len(values) > 1:
+            raise TypeError(
+                "TinyLoRA projection tensors must be saved for all adapters or none, but got multiple different "
+                f"values: {values}"
+            )
+
+    def _remove_adapter_from_layers(self, adapter_name: str) -> None:
+        """Also drop the adapter's vectors and target numbering (delete_adapter, or a failed add_adapter)."""
+        super()._remove_adapter_from_layers(adapter_name)
+        dicts = self._vector_dicts()
+        if adapter_name in dicts:
+            del dicts[adapter_name]
+        self.__dict__.get("_target_key_to_idx", {}).pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The group vectors (`base_model.tinylora_v.<group>`, see `state_for_save`) and trained biases."""
+        dicts = self._vector_dicts()
+        state: dict[str, torch.Tensor] = {}
+        if adapter_name in dicts:
+            state.update({VECTOR_KEY + group: vector for group, vector in dicts[adapter_name].items()})
+        state.update(self._bias_parameters(self.peft_config[adapter_name]))
+        return state
+
+    def state_for_save(self, adapter_name: str, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        # The vectors belong to the tuner, not to the wrapped model: their keys drop the model's prefix.
+        marker = prefix + VECTOR_KEY
+        return {(key[len(prefix):] if key.startswith(marker) else key): value for key, value in state.items()}
+
+    def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
+        config = self.peft_config[adapter_name]
+        # peft regenerates P from the seed when save_projection=False, ignoring saved ones.
+        tolerated = () if config.save_projection else (r".*\.tinylora_P$",)
+        if config.bias == "all":  # a head's unused `original_module.bias` / `modules_to_save.bias`
+            tolerated += (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
+        return tolerated
+
+    # ------------------------------------------------------------------ bias="all" / "tinylora_only"
+    def _bias_parameters(self, config: TinyLoraConfig) -> dict[str, nn.Parameter]:
+        """Biases that `bias="all"` / `"tinylora_only"` train and save, keyed by their module path."""
+        if config.bias == "none":
+            return {}
+        wrappers = [name for name, module in self.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+        wanted = None
+        if config.bias == "tinylora_only":
+            layers = [module for module in self.model.modules() if isinstance(module, TinyLoraLayer)]
+            biases = (getattr(layer.get_base_layer(), "bias", None) for layer in layers)
+            wanted = {id(bias) for bias in biases if bias is not None}
+        return {
+            name.replace("_fsdp_wrapped_module.", ""): param
+            for name, param in self.model.named_parameters()
+            if name.endswith("bias")
+            and (id(param) in wanted if wanted is not None else not any(name.startswith(w + ".") for w in wrappers))
+        }
+
+    def _mark_extra_trainable(self, config: TinyLoraConfig) -> None:
+        for param in self._bias_parameters(config).values():
+            param.requires_grad_(True)

@@ -1,0 +1,175 @@
+"""MiSS checkpoints move between peft and peftkit: same keys, shapes, config, logits; same merge.
+
+peft is a test-only dependency; the module is skipped without it. Adapters are non-trivial: either
+peft's random init (`init_weights=False`) or a zero-init variant ("bat", "mini", default) given a few
+optimizer steps, so an adapter that is not loaded, or loaded into the wrong place, changes the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+peft = pytest.importorskip("peft")
+
+import peftkit  # noqa: E402
+from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
+
+LIBS = {"peft": peft, "peftkit": peftkit}
+DIRECTIONS = [("peft", "peftkit"), ("peftkit", "peft")]
+ATOL = 1e-5
+
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "bert": ["query", "value", "dense"],
+    "t5": ["q", "v", "wo"],
+}
+
+# name -> (model, config overrides, steps of training)
+CASES = {
+    "llama": ("llama", {}, 0),
+    "llama-default-trained": ("llama", {"init_weights": True}, 3),
+    "llama-remainder": ("llama", {"r": 5}, 0),
+    "llama-remainder-trained": ("llama", {"r": 5, "init_weights": True}, 3),
+    "llama-mini-trained": ("llama", {"init_weights": "mini", "mini_r": 2}, 3),
+    "llama-bat-trained": ("llama", {"init_weights": "bat"}, 3),
+    "llama-bf16": ("llama-bf16", {}, 0),
+    "llama-dropout": ("llama", {"miss_dropout": 0.1}, 0),
+    "bert": ("bert", {}, 0),
+    "bert-bat-trained": ("bert", {"init_weights": "bat", "r": 8}, 3),
+    "bert-bias-all-trained": ("bert", {"bias": "all"}, 3),
+    "bert-miss-only-bias-trained": ("bert", {"bias": "MiSS_only"}, 3),
+    "t5": ("t5", {}, 0),
+}
+
+
+def make_model(name: str) -> nn.Module:
+    if name.endswith("-bf16"):
+        return MODEL_FACTORIES[name.removesuffix("-bf16")].make_model().to(torch.bfloat16)
+    return MODEL_FACTORIES[name].make_model()
+
+
+def make_inputs(name: str) -> dict:
+    return MODEL_FACTORIES[name.removesuffix("-bf16")].make_inputs()
+
+
+def output(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(**inputs)
+    return result if isinstance(result, torch.Tensor) else result.logits
+
+
+def loss_of(model: nn.Module, inputs: dict) -> torch.Tensor:
+    result = model(**inputs)
+    return result.square().mean() if isinstance(result, torch.Tensor) else result.loss
+
+
+def wrap(lib_name: str, case: str):
+    model_name, overrides, steps = CASES[case]
+    arch = model_name.removesuffix("-bf16")
+    kwargs: dict = {"task_type": MODEL_FACTORIES[arch].task_type}
+    kwargs.update(r=4, target_modules=TARGETS[arch], init_weights=False)
+    kwargs.update(overrides)
+    lib = LIBS[lib_name]
+    torch.manual_seed(1234)
+    model = lib.get_peft_model(make_model(model_name), lib.MissConfig(**kwargs))
+    if steps:
+        train(model, make_inputs(model_name), steps)
+    return model.eval()
+
+
+def train(model: nn.Module, inputs: dict, steps: int) -> None:
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        loss_of(model, inputs).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def read_weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def read_config(directory) -> dict:
+    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.pop("peft_version")
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    return config
+
+
+def tolerance(case: str) -> float:
+    return 2e-2 if CASES[case][0].endswith("-bf16") else ATOL
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize(
+    ("case", "src_name", "dst_name"),
+    [pytest.param(c, s, d, id=f"{c}-{s}->{d}") for c in CASES for s, d in DIRECTIONS],
+)
+def test_adapter_roundtrip_gives_same_logits(case, src_name, dst_name, tmp_path):
+    model_name = CASES[case][0]
+    src = wrap(src_name, case)
+    inputs = make_inputs(model_name)
+    expected = output(src, inputs)
+    assert (expected.float() - output(make_model(model_name), inputs).float()).abs().max() > 1e-3, "vacuous adapter"
+    src.save_pretrained(str(tmp_path))
+
+    loaded = LIBS[dst_name].PeftModel.from_pretrained(make_model(model_name), str(tmp_path)).eval()
+    assert type(loaded.base_model).__name__ == "MissModel"
+    torch.testing.assert_close(output(loaded, inputs), expected, atol=tolerance(case), rtol=0)
+    in_file = read_weights(tmp_path)
+    in_model = LIBS[dst_name].get_peft_model_state_dict(loaded)
+    # peft's quirk with bias="all": it also writes the head's unused `original_module.bias` and
+    # `modules_to_save.bias`; peftkit accepts them from peft's files but does not write them.
+    in_model = {k: v for k, v in in_model.items() if not k.endswith((".original_module.bias", ".modules_to_save.bias"))}
+    in_file = {k: v for k, v in in_file.items() if not k.endswith((".original_module.bias", ".modules_to_save.bias"))}
+    assert sorted(in_model) == sorted(in_file)
+    for key, tensor in in_file.items():
+        torch.testing.assert_close(in_model[key], tensor, atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-remainder", "llama-mini-trained", "llama-bat-trained", "llama-bf16", "bert-miss-only-bias-trained"])
+def test_checkpoint_and_config_parity(case, tmp_path):
+    """Both libraries write the same tensor keys, shapes and dtypes, and the same adapter_config.json."""
+    models, dirs = {}, {}
+    for lib_name in LIBS:
+        models[lib_name] = wrap(lib_name, case)
+        dirs[lib_name] = tmp_path / lib_name
+        models[lib_name].save_pretrained(str(dirs[lib_name]))
+    theirs, ours = read_weights(dirs["peft"]), read_weights(dirs["peftkit"])
+    layout = {key: (tuple(t.shape), t.dtype) for key, t in ours.items()}
+    assert layout == {key: (tuple(t.shape), t.dtype) for key, t in theirs.items()}
+    assert any(".miss_block" in key for key in ours) and not any(".default" in key for key in ours)
+    assert read_config(dirs["peftkit"]) == read_config(dirs["peft"])
+    counts = {name: model.get_nb_trainable_parameters() for name, model in models.items()}
+    assert counts["peftkit"] == counts["peft"]
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-remainder", "llama-mini-trained", "llama-bat-trained", "bert-bat-trained"])
+def test_merge_and_unload_parity(case, tmp_path):
+    model_name = CASES[case][0]
+    wrap("peft", case).save_pretrained(str(tmp_path))
+    inputs = make_inputs(model_name)
+    merged = {}
+    for lib_name, lib in LIBS.items():
+        loaded = lib.PeftModel.from_pretrained(make_model(model_name), str(tmp_path))
+        unmerged = output(loaded, inputs)
+        with torch.no_grad():
+            merged[lib_name] = loaded.merge_and_unload().eval()
+    theirs, ours = merged["peft"].state_dict(), merged["peftkit"].state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=key)
+    torch.testing.assert_close(output(merged["peftkit"], inputs), unmerged, atol=1e-4, rtol=0)
