@@ -34,7 +34,7 @@ from .errors import CliError, RunFailed
 from .features import Collator, encode_rows, pack
 from .methods import available_methods, build_config, cli_preset, peft_type_for
 from .modeling import TASK_TYPES, TASKS, default_model_path, load_model, load_tokenizer, model_architectures, quiet_transformers
-from .options import OPTIONS, TrainSettings, resolve_settings
+from .options import OPTIONS, TrainSettings, _training_argument_fields, resolve_settings
 
 EXAMPLES = """examples:
   peftkit train                                   # embedded default: LoRA on MiniLM, bundled data
@@ -250,7 +250,7 @@ def training_arguments(settings: TrainSettings, has_eval: bool) -> Any:
     values[checkpointing_argument(TrainingArguments)] = settings.gradient_checkpointing
     if settings.save_strategy == "no":
         values.pop("save_total_limit")
-    if "warmup_ratio" in _argument_names(TrainingArguments) and settings.warmup < 1:  # transformers < 5.23
+    if "warmup_ratio" in _training_argument_fields() and settings.warmup < 1:  # transformers < 5.23
         values["warmup_ratio"], values["warmup_steps"] = settings.warmup, 0
     values.update(settings.training_args)
     values.setdefault("disable_tqdm", False)
@@ -262,12 +262,6 @@ def training_arguments(settings: TrainSettings, has_eval: bool) -> Any:
         return TrainingArguments(**values)
     except (TypeError, ValueError) as exc:
         raise CliError(f"bad training option: {str(exc).splitlines()[0]}") from exc
-
-
-def _argument_names(cls: type) -> set[str]:
-    import dataclasses
-
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _accuracy(eval_prediction: Any) -> dict[str, float]:
