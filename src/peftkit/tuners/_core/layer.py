@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -162,6 +162,33 @@ class BaseTunerLayer:
             if not remaining and self.adapter_names():
                 remaining = [self.adapter_names()[0]]
             self._active_adapter = remaining
+
+    # ------------------------------------------------------------------ forward (additive methods)
+    def delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`delta_a(x)`, what adapter `adapter_name` adds to the base output (additive methods)."""
+        raise NotImplementedError(f"{type(self).__name__} defines its own forward.")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The default forward of additive methods (layers that put this class before `nn.Module`):
+
+            y = base(x) + sum over active adapters a of delta_a(x)
+
+        The base alone when adapters are disabled (a merged adapter is unmerged first) or merged;
+        active adapters this layer does not hold are skipped; the result has x's dtype.
+        """
+        previous_dtype = x.dtype
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        held = self.adapter_names()
+        for adapter_name in self.active_adapters:
+            if adapter_name in held:
+                result = result + self.delta_output(x, adapter_name)
+        return result.to(previous_dtype)
 
     # ------------------------------------------------------------------ merging (every method)
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import ConfigError
-from .._core.modules_to_save import ModulesToSaveWrapper
+from .._core.bias import BiasOptions
 from .._core.tuner import BaseTuner
 from ..lora.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
 from .config import BOFTConfig
@@ -28,7 +27,7 @@ REFIT_WARNING = (
 )
 
 
-class BOFTModel(BaseTuner):
+class BOFTModel(BiasOptions, BaseTuner):
     """Creates BOFT adapters on a model: `BOFTModel(model, BOFTConfig(...), "default")`.
 
     Usually built through `get_peft_model`; `model.base_model` of a `PeftModel` is this object.
@@ -80,49 +79,3 @@ class BOFTModel(BaseTuner):
                 warnings.warn(REFIT_WARNING.format(saved=saved.shape[0], configured=configured), stacklevel=4)
                 warned = True
             layer.refit_factors(adapter_name, int(saved.shape[0]))
-
-    # ------------------------------------------------------------------ bias="all" / "boft_only"
-    def _check_new_adapter_config(self, config: BOFTConfig) -> None:
-        with_bias = [name for name, other in self.peft_config.items() if other.bias != "none"]
-        if with_bias and config.bias != "none":
-            other = self.peft_config[with_bias[0]].bias
-            raise ConfigError(
-                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
-                f"set bias to 'none' for all adapters (adapter {with_bias[0]!r} has bias={other!r})."
-            )
-
-    def _bias_parameters(self, config: BOFTConfig) -> dict[str, nn.Parameter]:
-        """Biases that `bias="all"` / `"boft_only"` train and save, keyed by their module path."""
-        if config.bias == "none":
-            return {}
-        if config.bias == "boft_only":
-            wanted = {
-                id(bias)
-                for module in self.model.modules()
-                if isinstance(module, BOFTLayer) and (bias := getattr(module.get_base_layer(), "bias", None)) is not None
-            }
-            return {
-                name.replace("_fsdp_wrapped_module.", ""): param
-                for name, param in self.model.named_parameters()
-                if id(param) in wanted
-            }
-        wrappers = [name for name, module in self.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
-        return {
-            name.replace("_fsdp_wrapped_module.", ""): param
-            for name, param in self.model.named_parameters()
-            if name.endswith("bias") and not any(name.startswith(w + ".") for w in wrappers)
-        }
-
-    def _mark_extra_trainable(self, config: BOFTConfig) -> None:
-        for param in self._bias_parameters(config).values():
-            param.requires_grad_(True)
-
-    def extra_adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return dict(self._bias_parameters(self.peft_config[adapter_name]))
-
-    def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
-        # With bias="all", peft also writes a head's `original_module.bias` and `modules_to_save.bias`,
-        # which the forward never reads (the copy's `<head>.bias` is).
-        if self.peft_config[adapter_name].bias == "all":
-            return (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
-        return ()

@@ -58,12 +58,6 @@ class SpectralTuner(SharedTensorsTuner):
         correct_fan_in_fan_out(config, target)
         return {}
 
-    def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
-        # With bias="all", peft also writes a head's `original_module.bias` / `modules_to_save.bias`.
-        if self.peft_config[adapter_name].bias == "all":
-            return (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
-        return ()
-
 
 class FourierFTModel(SpectralTuner):
     """Creates FourierFT adapters on a model: `FourierFTModel(model, FourierFTConfig(...), "default")`.

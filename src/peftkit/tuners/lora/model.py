@@ -17,8 +17,8 @@ from .._core.call_state import call_scope
 from .._core.layer import BaseTunerLayer
 from .._core.matching import pattern_value
 from .._core.module_tree import get_submodules, replace_module
-from .._core.modules_to_save import ModulesToSaveWrapper
 from .._core.size_limits import check_parameter_adapter_size
+from .._core.bias import BiasOptions
 from .._core.tuner import BaseTuner
 from .config import LoraConfig
 from .conversion import convert_mutated_init_to_lora
@@ -33,7 +33,7 @@ from .tied import apply_weight_tying, plan_weight_tying, tied_output_names
 from .weighted import add_weighted_adapter
 
 
-class LoraModel(BaseTuner):
+class LoraModel(BiasOptions, BaseTuner):
     """Creates LoRA adapters on a model: `LoraModel(model, LoraConfig(...), "default")`.
 
     Usually built through `get_peft_model`; `model.base_model` of a `PeftModel` is this object.
@@ -141,41 +141,7 @@ class LoraModel(BaseTuner):
                 "Convert them to plain LoRA with save_pretrained(..., path_initial_model_for_weight_conversion=...).",
                 stacklevel=4,
             )
-        with_bias = [name for name, cfg in self.peft_config.items() if cfg.bias != "none"]
-        if with_bias and config.bias != "none":
-            raise ConfigError(
-                "LoRA supports only one adapter with bias != 'none' per model; "
-                f"adapter {with_bias[0]!r} has one already. Use bias='none' for the new adapter."
-            )
-
-    def _bias_parameters(self, config: LoraConfig) -> dict[str, nn.Parameter]:
-        """Biases that `bias="all"` / `"lora_only"` train and save, keyed by their module path."""
-        if config.bias == "none":
-            return {}
-        if config.bias == "lora_only":  # every LoRA layer's base bias, nested layers (MHA's out_proj) included
-            wanted = {
-                id(bias)
-                for module in self.model.modules()
-                if isinstance(module, LoraLayer) and (bias := getattr(module.get_base_layer(), "bias", None)) is not None
-            }
-            return {
-                name.replace("_fsdp_wrapped_module.", ""): param
-                for name, param in self.model.named_parameters()
-                if id(param) in wanted
-            }
-        wrappers = [name for name, module in self.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
-        return {
-            name.replace("_fsdp_wrapped_module.", ""): param  # checkpoint keys have no FSDP1 segments
-            for name, param in self.model.named_parameters()
-            if name.endswith("bias") and not any(name.startswith(w + ".") for w in wrappers)
-        }
-
-    def _mark_extra_trainable(self, config: LoraConfig) -> None:
-        for param in self._bias_parameters(config).values():
-            param.requires_grad_(True)
-
-    def extra_adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return dict(self._bias_parameters(self.peft_config[adapter_name]))
+        super()._check_new_adapter_config(config)
 
     def prepare_save(
         self, adapter_name: str, state: dict[str, torch.Tensor], config_fields: dict[str, Any], **save_options: Any
@@ -189,11 +155,7 @@ class LoraModel(BaseTuner):
         )
 
     def tolerated_checkpoint_keys(self, adapter_name: str) -> tuple[str, ...]:
-        # With bias="all", peft also writes the head's `original_module.bias` and an adapter-less
-        # `modules_to_save.bias`; neither is used in forward (the copy's `<head>.bias` is).
-        tolerated: tuple[str, ...] = ()
-        if self.peft_config[adapter_name].bias == "all":
-            tolerated += (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
+        tolerated = super().tolerated_checkpoint_keys(adapter_name)
         # peft writes a tied output layer's (views of the embedding's) factors, and on reloading a config
         # whose embedding is not named `embed_tokens` it does not tie again and ignores them; so do we.
         for name in tied_output_names(self.model):

@@ -159,23 +159,11 @@ class RandLoraLayer(SharedTensorsLayer, nn.Module):
         delta = delta.T if self.fan_in_fan_out else delta
         return delta * self.scaling[adapter_name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """`base(x) + scaling * second(first(dropout(x)))` per active adapter (the base alone when disabled or merged)."""
-        previous_dtype = x.dtype
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.randlora_lambda:
-                continue
-            first, second = self.get_scaled_bases(adapter_name, device=x.device)
-            inputs = self.randlora_dropout[adapter_name](x.to(second.dtype))
-            result = result + F.linear(F.linear(inputs, first), second) * self.scaling[adapter_name]
-        return result.to(previous_dtype)
+    def delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`scaling * second(first(dropout(x)))`, the scaled shared random bases."""
+        first, second = self.get_scaled_bases(adapter_name, device=x.device)
+        inputs = self.randlora_dropout[adapter_name](x.to(second.dtype))
+        return F.linear(F.linear(inputs, first), second) * self.scaling[adapter_name]
 
     def __repr__(self) -> str:
         return "randlora." + super().__repr__()

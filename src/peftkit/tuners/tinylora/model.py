@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...errors import ConfigError
 from .._core.matching import is_targeted
-from .._core.modules_to_save import ModulesToSaveWrapper
+from .._core.bias import BiasOptions
 from .._core.tuner import BaseTuner
 from ..lora.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
 from .config import TinyLoraConfig
@@ -40,7 +39,7 @@ def group_of(index: int, num_targets: int, weight_tying: float) -> int:
     return min(index // group_size, num_groups - 1)
 
 
-class TinyLoraModel(BaseTuner):
+class TinyLoraModel(BiasOptions, BaseTuner):
     """Creates TinyLoRA adapters on a model: `TinyLoraModel(model, TinyLoraConfig(...), "default")`.
 
     Usually built through `get_peft_model`; `model.base_model` of a `PeftModel` is this object.
@@ -131,13 +130,7 @@ class TinyLoraModel(BaseTuner):
         return {"layer_idx": self._target_numbers(config, adapter_name, key)[key]}
 
     def _check_new_adapter_config(self, config: TinyLoraConfig) -> None:
-        with_bias = [name for name, other in self.peft_config.items() if other.bias != "none"]
-        if with_bias and config.bias != "none":
-            raise ConfigError(
-                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
-                f"set bias to 'none' for all adapters (adapter {with_bias[0]!r} has "
-                f"bias={self.peft_config[with_bias[0]].bias!r})."
-            )
+        super()._check_new_adapter_config(config)
         values = sorted({other.save_projection for other in self.peft_config.values()} | {config.save_projection})
         if len(values) > 1:
             raise TypeError(
@@ -157,10 +150,9 @@ class TinyLoraModel(BaseTuner):
     def extra_adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The group vectors (`base_model.tinylora_v.<group>`, see `state_for_save`) and trained biases."""
         dicts = self._vector_dicts()
-        state: dict[str, torch.Tensor] = {}
+        state = super().extra_adapter_state(adapter_name)
         if adapter_name in dicts:
             state.update({VECTOR_KEY + group: vector for group, vector in dicts[adapter_name].items()})
-        state.update(self._bias_parameters(self.peft_config[adapter_name]))
         return state
 
     def state_for_save(self, adapter_name: str, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -172,28 +164,4 @@ class TinyLoraModel(BaseTuner):
         config = self.peft_config[adapter_name]
         # peft regenerates P from the seed when save_projection=False, ignoring saved ones.
         tolerated = () if config.save_projection else (r".*\.tinylora_P$",)
-        if config.bias == "all":  # a head's unused `original_module.bias` / `modules_to_save.bias`
-            tolerated += (r".*\.original_module\.bias$", r".*\.modules_to_save\.bias$")
-        return tolerated
-
-    # ------------------------------------------------------------------ bias="all" / "tinylora_only"
-    def _bias_parameters(self, config: TinyLoraConfig) -> dict[str, nn.Parameter]:
-        """Biases that `bias="all"` / `"tinylora_only"` train and save, keyed by their module path."""
-        if config.bias == "none":
-            return {}
-        wrappers = [name for name, module in self.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
-        wanted = None
-        if config.bias == "tinylora_only":
-            layers = [module for module in self.model.modules() if isinstance(module, TinyLoraLayer)]
-            biases = (getattr(layer.get_base_layer(), "bias", None) for layer in layers)
-            wanted = {id(bias) for bias in biases if bias is not None}
-        return {
-            name.replace("_fsdp_wrapped_module.", ""): param
-            for name, param in self.model.named_parameters()
-            if name.endswith("bias")
-            and (id(param) in wanted if wanted is not None else not any(name.startswith(w + ".") for w in wrappers))
-        }
-
-    def _mark_extra_trainable(self, config: TinyLoraConfig) -> None:
-        for param in self._bias_parameters(config).values():
-            param.requires_grad_(True)
+        return super().tolerated_checkpoint_keys(adapter_name) + tolerated

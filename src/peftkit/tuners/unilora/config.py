@@ -9,7 +9,7 @@ from ...config import PeftConfig
 from ...errors import ConfigError
 from ...utils.peft_types import PeftType
 from ...utils.validation import as_name_set, check_bool, check_finite, check_layer_selection, check_rank, check_size
-from ..vblora.shared import check_bias
+from .._core.bias import check_bias
 
 
 @dataclass

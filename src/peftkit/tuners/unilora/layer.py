@@ -113,23 +113,11 @@ class UniLoraLayer(SharedTensorsLayer, nn.Module):
         delta = b @ a
         return (delta.T if self.fan_in_fan_out else delta).to(theta.dtype)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """`base(x) + B A dropout(x)` for each active adapter (the base alone when disabled or merged)."""
-        previous_dtype = x.dtype
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.unilora_indices_A:
-                continue
-            a, b = self._get_lora_matrices(adapter_name)
-            inputs = self.unilora_dropout[adapter_name](x.to(self.unilora_theta_d[adapter_name].dtype))
-            result = result + F.linear(F.linear(inputs, a), b)
-        return result.to(previous_dtype)
+    def delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`B A dropout(x)`, with A and B gathered from the shared theta by the adapter's indices."""
+        a, b = self._get_lora_matrices(adapter_name)
+        inputs = self.unilora_dropout[adapter_name](x.to(self.unilora_theta_d[adapter_name].dtype))
+        return F.linear(F.linear(inputs, a), b)
 
     def __repr__(self) -> str:
         return "unilora." + super().__repr__()

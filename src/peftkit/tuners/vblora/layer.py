@@ -127,23 +127,10 @@ class VBLoRALayer(SharedTensorsLayer, nn.Module):
         delta = delta.T if self.fan_in_fan_out else delta
         return delta.to(logits.dtype)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """`base(x) + B A dropout(x)` for each active adapter (the base alone when disabled or merged)."""
-        previous_dtype = x.dtype
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.vblora_logits_A:
-                continue
-            a, b = self._get_lora_matrices(adapter_name)
-            inputs = self.vblora_dropout[adapter_name](x.to(a.dtype))
-            result = result + F.linear(F.linear(inputs, a), b)
-        return result.to(previous_dtype)
+    def delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`B A dropout(x)`, with A and B mixed from the bank by the adapter's top-k logits."""
+        a, b = self._get_lora_matrices(adapter_name)
+        return F.linear(F.linear(self.vblora_dropout[adapter_name](x.to(a.dtype)), a), b)
 
     def __repr__(self) -> str:
         return "vblora." + super().__repr__()

@@ -32,10 +32,10 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from ...errors import ConfigError, TargetModulesError
+from ...errors import TargetModulesError
 from .._core.base_layers import base_of
 from .._core.layer import BaseTunerLayer
-from .._core.modules_to_save import ModulesToSaveWrapper
+from .._core.bias import BiasOptions
 from .._core.tuner import BaseTuner
 
 #: Checkpoint-key prefix of tensors the tuner holds (peft's `PeftModel.base_model.<attribute>`).
@@ -159,7 +159,7 @@ class SharedTensorsLayer(BaseTunerLayer):
 
 
 # ---------------------------------------------------------------------------------------------- tuners
-class SharedTensorsTuner(BaseTuner):
+class SharedTensorsTuner(BiasOptions, BaseTuner):
     """A tuner owning per-adapter containers its layers share (`shared_containers`), saved once each.
 
     Subclasses create the adapter's shared tensors in `_create_shared(adapter_name, config)`;
@@ -211,57 +211,12 @@ class SharedTensorsTuner(BaseTuner):
         }
 
     def extra_adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {**self.saved_shared(adapter_name), **bias_parameters(self, self.peft_config[adapter_name])}
+        return {**self.saved_shared(adapter_name), **super().extra_adapter_state(adapter_name)}
 
     def state_for_save(self, adapter_name: str, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         """Tuner-level keys are written as peft writes them, `base_model.<attribute>` (see the module docstring)."""
         tuner_prefix = prefix + TUNER_KEY_PREFIX
         return {(key[len(prefix):] if key.startswith(tuner_prefix) else key): tensor for key, tensor in state.items()}
-
-    # ------------------------------------------------------------------ biases
-    def _mark_extra_trainable(self, config: Any) -> None:
-        for param in bias_parameters(self, config).values():
-            param.requires_grad_(True)
-
-    def _check_new_adapter_config(self, config: Any) -> None:
-        super()._check_new_adapter_config(config)
-        with_bias = [name for name, other in self.peft_config.items() if getattr(other, "bias", "none") != "none"]
-        if with_bias and getattr(config, "bias", "none") != "none":
-            raise ConfigError(
-                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias to "
-                f"'none' for all adapters (adapter {with_bias[0]!r} has bias already)."
-            )
-
-
-def bias_parameters(tuner: BaseTuner, config: Any) -> dict[str, nn.Parameter]:
-    """Biases `bias="all"` / `"<prefix>only"` train and save, keyed by their module path (as peft saves them)."""
-    bias = getattr(config, "bias", "none")
-    if bias == "none":
-        return {}
-    if bias == "all":
-        wrappers = [name for name, module in tuner.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
-        return {
-            name.replace("_fsdp_wrapped_module.", ""): param
-            for name, param in tuner.model.named_parameters()
-            if name.rpartition(".")[2] == "bias" and not any(name.startswith(w + ".") for w in wrappers)
-        }
-    wanted = {
-        id(found)
-        for module in tuner.model.modules()
-        if isinstance(module, tuner.layer_cls) and (found := getattr(base_of(module), "bias", None)) is not None
-    }
-    return {
-        name.replace("_fsdp_wrapped_module.", ""): param
-        for name, param in tuner.model.named_parameters()
-        if id(param) in wanted
-    }
-
-
-def check_bias(value: Any, method_prefix: str) -> None:
-    """`bias` is "none", "all" or "<prefix>only" (e.g. "vblora_only")."""
-    choices = ("none", "all", f"{method_prefix}only")
-    if value not in choices:
-        raise ConfigError(f"bias={value!r} is invalid; use one of {', '.join(map(repr, choices))}.")
 
 
 def refuse_unsupported(display_name: str, supported: str) -> Any:

@@ -17,7 +17,7 @@ from ...utils.validation import (
     check_layer_selection,
     check_rank,
 )
-from ..vblora.shared import check_bias
+from .._core.bias import check_bias
 
 
 def save_projection_warning(projections: str) -> str:

@@ -190,22 +190,6 @@ class ProjectionLayer(SharedTensorsLayer, nn.Module):
         hidden = self.latent(F.linear(inputs, projection_a) * lambda_d, adapter_name)
         return F.linear(hidden, projection_b) * lambda_b
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """`base(x)` plus each active adapter's delta (the base alone when disabled or merged)."""
-        previous_dtype = x.dtype
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        lambdas = getattr(self, self.lambda_names[1])
-        for adapter_name in self.active_adapters:
-            if adapter_name in lambdas:
-                result = result + self.delta_output(x, adapter_name).to(result.dtype)
-        return result.to(previous_dtype)
-
 
 # ---------------------------------------------------------------------------------------------- tuners
 class ProjectionTuner(SharedTensorsTuner):

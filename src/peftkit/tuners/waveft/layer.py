@@ -201,21 +201,6 @@ class WaveFTLayer(BaseTunerLayer, nn.Module):
             return self._factored_output(x, adapter_name)
         return F.linear(x, self._delta(adapter_name))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """`base(x) + delta_W x` for each active adapter (the base alone when disabled or merged)."""
-        previous_dtype = x.dtype
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name in self.waveft_spectrum:
-                result = result + self.delta_output(x, adapter_name)
-        return result.to(previous_dtype)
-
     def __repr__(self) -> str:
         return "waveft." + super().__repr__()
 
