@@ -24,37 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
+from .buffer_dict import BufferDict
 from .layer import BaseTunerLayer
 from .module_tree import input_embedding_name
 from .modules_to_save import AuxiliaryWrapper
-
-
-class BufferDict(nn.Module):
-    """A dict of non-persistent buffers (not in state dicts), keyed by adapter name."""
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._buffers
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.register_buffer(key, value, persistent=False)
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self):
-        return self._buffers.keys()
-
-    def items(self):
-        return self._buffers.items()
 
 
 class TrainableTokensLayer(BaseTunerLayer, nn.Module):
@@ -88,7 +61,7 @@ class TrainableTokensLayer(BaseTunerLayer, nn.Module):
         self._tied = [tied_adapter] if tied_adapter is not None else []
         if tied_adapter is None:
             self.trainable_tokens_delta = nn.ParameterDict({})
-            self.trainable_tokens_original = BufferDict()
+            self.trainable_tokens_original = BufferDict(persistent=False)
             self.token_indices: dict[str, list[int]] = {}
         else:
             self.trainable_tokens_delta = tied_adapter.trainable_tokens_delta

@@ -15,7 +15,7 @@ lifted back; the (out x in) delta is only formed for merging.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from ...errors import ConfigError
 from .._core.base_layers import wraps
 from .._core.layer import BaseTunerLayer
-from .._core.trainable_tokens import BufferDict
+from .._core.buffer_dict import BufferDict
 from .orthogonal import PsoftRotation
 
 SUPPORTED_LAYERS = "torch.nn.Linear (dense float weights)"
@@ -43,8 +43,8 @@ class PsoftLayer(BaseTunerLayer, nn.Module):
         self._init_tuner_layer(base_layer)
         self.psoft_R = nn.ModuleDict({})
         self.psoft_dropout = nn.ModuleDict({})
-        self._psoft_A_cache = BufferDict()
-        self._psoft_B_cache = BufferDict()
+        self._psoft_A_cache = BufferDict(persistent=False)
+        self._psoft_B_cache = BufferDict(persistent=False)
         self.r: dict[str, int] = {}
         self.psoft_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
