@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +28,29 @@ def _seed() -> None:
 def tiny_model_case(request):
     """Each tiny architecture in turn: (name, factory)."""
     return request.param, MODEL_FACTORIES[request.param]
+
+
+# ---------------------------------------------------------------------------------------------- lanes
+#: Methods whose own test files every CI lane runs; the other methods' files (`tests/test_<m>.py`,
+#: `tests/test_interop_<m>.py`) are marked `catalog` and run in the pinned lane only: the latest and
+#: lowest lanes run `-m "not catalog"` (see the Makefile). Every method still meets every lane
+#: through tests/test_registry.py (the property suite on each method) and tests/test_catalog_surface.py.
+EVERY_LANE_METHODS = frozenset(
+    {"lora", "adalora", "ia3", "loha", "lokr", "bottleneck", "prompt_tuning", "prefix_tuning", "p_tuning",
+     "trainable_tokens"}
+)
+_TUNERS = Path(__file__).resolve().parent.parent / "src" / "peftkit" / "tuners"
+
+
+def catalog_method_of(test_file: Path) -> str | None:
+    """The catalog method a test file is about (its name is `test_<m>.py` / `test_interop_<m>.py`), or None."""
+    stem = test_file.stem.removeprefix("test_").removeprefix("interop_")
+    if stem in EVERY_LANE_METHODS or not (_TUNERS / stem / "__init__.py").is_file():
+        return None
+    return stem
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if catalog_method_of(item.path) is not None:
+            item.add_marker(pytest.mark.catalog)

@@ -8,10 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from pathlib import Path
 
 import pytest
-import torch
 
 from peftkit.cli import compare as compare_module
 from peftkit.cli.data import Fields, normalise_rows, read_rows, read_splits

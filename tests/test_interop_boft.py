@@ -14,20 +14,19 @@ computes), so peft takes its real multi-factor path. Checkpoints peft writes wit
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 peft = pytest.importorskip("peft")
 peft_boft_layer = pytest.importorskip("peft.tuners.boft.layer")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import output, read_config, read_weights  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -117,21 +116,6 @@ def wrap(lib_name: str, case: str):
     config = lib.BOFTConfig(**config_kwargs(model_name, overrides))
     torch.manual_seed(1234)
     return lib.get_peft_model(make_model(model_name), config).eval()
-
-
-def output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        result = model(**inputs)
-    return result if isinstance(result, torch.Tensor) else result.logits
-
-
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, "adapter_model.safetensors"))
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def normalised(config: dict) -> dict:

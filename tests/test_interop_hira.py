@@ -7,17 +7,15 @@ so an adapter that is not loaded, or loaded into the wrong place, changes the ou
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import output, read_config, read_weights  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -86,12 +84,6 @@ def make_inputs(name: str) -> dict:
     return MODEL_FACTORIES[name.removesuffix("-bf16")].make_inputs()
 
 
-def output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        result = model(**inputs)
-    return result if isinstance(result, torch.Tensor) else result.logits
-
-
 def loss_of(model: nn.Module, inputs: dict) -> torch.Tensor:
     result = model(**inputs)
     return result.square().mean() if isinstance(result, torch.Tensor) else result.loss
@@ -119,20 +111,6 @@ def train(model: nn.Module, inputs: dict, steps: int) -> None:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-
-
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, "adapter_model.safetensors"))
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    config.pop("peft_version")
-    for key in ("target_modules", "modules_to_save", "exclude_modules"):
-        if isinstance(config.get(key), list):
-            config[key] = sorted(config[key])
-    return config
 
 
 def tolerance(case: str) -> float:
@@ -174,7 +152,7 @@ def test_checkpoint_and_config_parity(case, tmp_path):
     layout = {key: (tuple(t.shape), t.dtype) for key, t in ours.items()}
     assert layout == {key: (tuple(t.shape), t.dtype) for key, t in theirs.items()}
     assert any(".hira_A" in key for key in ours) and not any(".default" in key for key in ours)
-    assert read_config(dirs["peftkit"]) == read_config(dirs["peft"])
+    assert read_config(dirs["peftkit"], comparable=True) == read_config(dirs["peft"], comparable=True)
     counts = {name: model.get_nb_trainable_parameters() for name, model in models.items()}
     assert counts["peftkit"] == counts["peft"]
 

@@ -7,18 +7,17 @@ loaded into the wrong place, changes the outputs and the test fails.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import output, read_config, read_weights  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -107,21 +106,6 @@ def wrap(lib_name: str, case: str):
                 if param.requires_grad and name.endswith("bias"):
                     param.add_(1.0)
     return model
-
-
-def output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        result = model(**inputs)
-    return result if isinstance(result, torch.Tensor) else result.logits
-
-
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, "adapter_model.safetensors"))
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def normalised(config: dict) -> dict:

@@ -9,18 +9,17 @@ GPT-2 is covered for IA3 only: peft's LoHa/LoKr refuse transformers' Conv1D (pef
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import output, read_config, read_weights  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -121,12 +120,6 @@ def wrap(lib_name: str, case: str):
     return lib.get_peft_model(model, config).eval()
 
 
-def output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        result = model(**inputs)
-    return result if isinstance(result, torch.Tensor) else result.logits
-
-
 @torch.no_grad()
 def perturb_head_copies(model: nn.Module) -> None:
     """Fresh modules_to_save copies equal the base head; noise makes a skipped head fail the test."""
@@ -134,15 +127,6 @@ def perturb_head_copies(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if ".modules_to_save." in name:
             param.add_(0.5 * torch.randn(param.shape, generator=generator).to(param.dtype))
-
-
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, "adapter_model.safetensors"))
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def normalised(config: dict) -> dict:

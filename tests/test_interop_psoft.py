@@ -7,17 +7,16 @@ agrees. Adapters start perturbed (`init_weights=False`) or are trained for a few
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import make_inputs, make_model, output, read_config  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -39,16 +38,6 @@ CASES = {
 }
 
 
-def make_model(name: str) -> nn.Module:
-    if name.endswith("-bf16"):
-        return MODEL_FACTORIES[name.removesuffix("-bf16")].make_model().to(torch.bfloat16)
-    return MODEL_FACTORIES[name].make_model()
-
-
-def make_inputs(name: str) -> dict:
-    return MODEL_FACTORIES[name.removesuffix("-bf16")].make_inputs()
-
-
 def wrap(lib_name: str, case: str):
     model_name, overrides = CASES[case]
     arch = model_name.removesuffix("-bf16")
@@ -56,19 +45,6 @@ def wrap(lib_name: str, case: str):
               "target_modules": LLAMA_TARGETS, **overrides}
     torch.manual_seed(1234)
     return LIBS[lib_name].get_peft_model(make_model(model_name), LIBS[lib_name].PsoftConfig(**kwargs)).eval()
-
-
-def output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    config.pop("peft_version")
-    config["target_modules"] = sorted(config["target_modules"])
-    return config
 
 
 @pytest.mark.parametrize(
@@ -100,7 +76,7 @@ def test_checkpoint_and_config_parity(case, tmp_path):
     layout = {name: {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} for name, tensors in files.items()}
     assert layout["peftkit"] == layout["peft"]
     assert any(key.endswith(".psoft_R.weight") for key in files["peftkit"])
-    assert read_config(tmp_path / "peftkit") == read_config(tmp_path / "peft")
+    assert read_config(tmp_path / "peftkit", comparable=True) == read_config(tmp_path / "peft", comparable=True)
     counts = {name: model.get_nb_trainable_parameters() for name, model in models.items()}
     assert counts["peftkit"] == counts["peft"]
 

@@ -7,7 +7,6 @@ loaded into the wrong place, changes the outputs and the test fails.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -18,6 +17,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import make_inputs, make_model, read_config  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -38,16 +38,6 @@ CASES = {
 }
 
 
-def make_model(name: str) -> nn.Module:
-    if name.endswith("-bf16"):
-        return MODEL_FACTORIES[name.removesuffix("-bf16")].make_model().to(torch.bfloat16)
-    return MODEL_FACTORIES[name].make_model()
-
-
-def make_inputs(name: str) -> dict:
-    return MODEL_FACTORIES[name.removesuffix("-bf16")].make_inputs()
-
-
 def wrap(lib_name: str, case: str):
     model_name, overrides = CASES[case]
     arch = model_name.removesuffix("-bf16")
@@ -60,14 +50,6 @@ def wrap(lib_name: str, case: str):
 def output(model: nn.Module, inputs: dict, **extra) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, **extra).logits
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    config.pop("peft_version")
-    config["target_modules"] = sorted(config["target_modules"])
-    return config
 
 
 @pytest.mark.parametrize(
@@ -99,7 +81,7 @@ def test_checkpoint_and_config_parity(case, tmp_path):
     layout = {name: {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} for name, tensors in files.items()}
     assert layout["peftkit"] == layout["peft"]
     assert any(key.endswith(".road_theta") for key in files["peftkit"])
-    assert read_config(tmp_path / "peftkit") == read_config(tmp_path / "peft")
+    assert read_config(tmp_path / "peftkit", comparable=True) == read_config(tmp_path / "peft", comparable=True)
     counts = {name: model.get_nb_trainable_parameters() for name, model in models.items()}
     assert counts["peftkit"] == counts["peft"]
 

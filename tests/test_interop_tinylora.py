@@ -7,19 +7,18 @@ loaded into the wrong place, changes the outputs and the test fails.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import make_inputs, make_model, output, read_config, read_weights  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -40,16 +39,6 @@ CASES = {
     "gpt2": ("gpt2", {"target_modules": ["c_attn", "c_proj"], "bias": "tinylora_only"}),
     "bert": ("bert", {"target_modules": ["query", "value"], "r": 3}),
 }
-
-
-def make_model(name: str) -> nn.Module:
-    if name.endswith("-bf16"):
-        return MODEL_FACTORIES[name.removesuffix("-bf16")].make_model().to(torch.bfloat16)
-    return MODEL_FACTORIES[name].make_model()
-
-
-def make_inputs(name: str) -> dict:
-    return MODEL_FACTORIES[name.removesuffix("-bf16")].make_inputs()
 
 
 def make_config(lib, case: str):
@@ -79,11 +68,6 @@ def wrap(lib_name: str, case: str, train_steps: int = 0):
     return model.eval()
 
 
-def output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
 @torch.no_grad()
 def perturb_head_copies(model: nn.Module) -> None:
     """Fresh modules_to_save copies equal the base head; noise makes a skipped head fail the test."""
@@ -91,15 +75,6 @@ def perturb_head_copies(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if ".modules_to_save." in name:
             param.add_(0.5 * torch.randn(param.shape, generator=generator).to(param.dtype))
-
-
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, "adapter_model.safetensors"))
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def normalised(config: dict) -> dict:

@@ -8,17 +8,16 @@ are reused by the UniLoRA and RandLoRA interop tests.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests.interop_helpers import read_config, read_weights  # noqa: E402
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
@@ -55,20 +54,6 @@ def train_a_little(model: nn.Module, inputs: dict, steps: int = 3, lr: float = 0
     model.eval()
 
 
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, "adapter_model.safetensors"))
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    config.pop("peft_version")
-    for key in ("target_modules", "modules_to_save", "exclude_modules"):
-        if isinstance(config.get(key), list):
-            config[key] = sorted(config[key])
-    return config
-
-
 def check_roundtrip(src, dst_lib, make_model, inputs: dict, tmp_path) -> None:
     """`src` saved, loaded by `dst_lib`: same logits, and dst's state dict is the file."""
     expected = output(src, inputs)
@@ -86,7 +71,7 @@ def check_same_layout(models: dict, tmp_path) -> None:
     for lib_name, model in models.items():
         model.save_pretrained(str(tmp_path / lib_name))
         layouts[lib_name] = {k: (tuple(v.shape), v.dtype) for k, v in read_weights(tmp_path / lib_name).items()}
-        configs[lib_name] = read_config(tmp_path / lib_name)
+        configs[lib_name] = read_config(tmp_path / lib_name, comparable=True)
     assert layouts["peftkit"] == layouts["peft"]
     assert configs["peftkit"] == configs["peft"]
 

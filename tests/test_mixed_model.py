@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit import LoHaConfig, LoKrConfig, LoraConfig, PeftMixedModel, get_peft_model
+from peftkit import PeftMixedModel, get_peft_model
 
 
 class MLP(nn.Module):

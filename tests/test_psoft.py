@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit import ConfigError, PeftConfig, PeftModel, PsoftConfig, TargetModulesError, get_peft_model
+from peftkit import ConfigError, PeftConfig, PsoftConfig, TargetModulesError, get_peft_model
 from peftkit.quantization import QuantizationConfig, quantize_model
 from peftkit.tuners.psoft.layer import Linear as PsoftLinear
 from peftkit.tuners.psoft.orthogonal import PsoftRotation, neumann_cayley

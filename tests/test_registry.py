@@ -77,14 +77,49 @@ CONFIGS = {
                                            target_modules=ATTENTION),
     "UNILORA": lambda: peftkit.UniLoraConfig(r=2, theta_d_length=64, init_weights=False, target_modules=ATTENTION),
     "RANDLORA": lambda: peftkit.RandLoraConfig(r=4, randlora_alpha=8, init_weights=False, target_modules=ATTENTION),
+    "GRALORA": lambda: peftkit.GraloraConfig(r=4, alpha=8, target_modules=ATTENTION, init_weights=False),
+    "SHIRA": lambda: peftkit.ShiraConfig(r=2, target_modules=ATTENTION, init_weights=False),
+    "PEANUT": lambda: peftkit.PeanutConfig(r=4, depth=1, target_modules=ATTENTION, init_weights=False),
+    "DELORA": lambda: peftkit.DeloraConfig(r=2, delora_lambda=4, target_modules=ATTENTION, init_weights=False),
+    "LILY": lambda: peftkit.LilyConfig(r=4, num_B=2, target_modules=ATTENTION, init_weights=False),
+    "OSF": lambda: peftkit.OSFConfig(target_modules=ATTENTION, effective_rank=0.75, init_weights=False),
+    "LN_TUNING": lambda: peftkit.LNTuningConfig(target_modules=["input_layernorm", "norm"]),
+    "DEFT": lambda: peftkit.DeftConfig(r=2, decomposition_method="qr", target_modules=ATTENTION, init_weights=False),
+    "GLORA": lambda: peftkit.GloraConfig(r=2, target_modules=ATTENTION, init_weights=False),
+    "BEFT": lambda: peftkit.BeftConfig(target_modules=ATTENTION, init_weights=False),
+    "FROD": lambda: peftkit.FrodConfig(target_modules=ATTENTION, init_weights=False, sparse_rate=0.05, progressbar=False),
+    "SUPERTUNING": lambda: peftkit.SupertuningConfig(target_modules=ATTENTION, init_weights=False, sparsity=0.9),
 }
 BUILTIN = [member.value for member in PeftType]
+
+
+def llama_with_bias() -> nn.Module:
+    """The tiny Llama with biased attention projections (BEFT trains, and merges into, those biases)."""
+    model = llama()
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+            proj.bias = nn.Parameter(0.1 * torch.randn(proj.out_features))
+    return model
+
+
+#: Bases other than the tiny Llama, where a method needs something it lacks.
+BASES = {"BEFT": llama_with_bias}
+#: Methods whose fresh adapter is the identity whatever the init (LN tuning copies the norms it tunes).
+IDENTITY_AT_INIT = {"LN_TUNING"}
 
 
 def _peft_model(peft_type: str, base: nn.Module = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return get_peft_model(base if base is not None else llama(), CONFIGS[peft_type]())
+        model = get_peft_model(base if base is not None else BASES.get(peft_type, llama)(), CONFIGS[peft_type]())
+    if peft_type in IDENTITY_AT_INIT:  # a trained-looking adapter, so the properties below can fail
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.5 * torch.randn_like(param))
+    return model
 
 
 @pytest.fixture
@@ -225,8 +260,15 @@ def test_duplicate_and_malformed_registrations_are_refused(isolated_registry):
 # ---------------------------------------------------------------------------------------------- capabilities
 @pytest.mark.parametrize("peft_type", BUILTIN)
 def test_merge_capability_matches_behaviour(peft_type):
-    if "merge" in method_spec(peft_type).capabilities:
-        prop.check_merge_equals_unmerged(llama, lm_inputs(), CONFIGS[peft_type]())
+    if "merge" in method_spec(peft_type).capabilities and peft_type in IDENTITY_AT_INIT:
+        model, inputs = _peft_model(peft_type), lm_inputs()
+        unmerged = prop.output_of(model, inputs)
+        prop.assert_differs(unmerged, prop.output_of(BASES.get(peft_type, llama)(), inputs))
+        model.merge_adapter()
+        prop.assert_close(prop.output_of(model, inputs), unmerged)
+        prop.assert_close(prop.output_of(model.merge_and_unload(), inputs), unmerged)
+    elif "merge" in method_spec(peft_type).capabilities:
+        prop.check_merge_equals_unmerged(BASES.get(peft_type, llama), lm_inputs(), CONFIGS[peft_type]())
     else:
         with pytest.raises(PeftkitError, match="cannot be merged"):
             _peft_model(peft_type).merge_adapter()

@@ -4,7 +4,6 @@ quantized bases, and the shared property suite on tiny transformers."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch

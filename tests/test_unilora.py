@@ -63,7 +63,7 @@ def test_fields_and_defaults_match_peft():
 
 
 def test_default_targets_are_peft_lora_table():
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_UNILORA_TARGET_MODULES_MAPPING
 
     from peftkit.tuners.unilora import UniLoraModel

@@ -93,6 +93,18 @@ _CATALOG = {
     "c3a": ("C3AConfig", "C3AModel"),
     "hira": ("HiraConfig", "HiraModel"),
     "miss": ("MissConfig", "MissModel"),
+    "osf": ("OSFConfig", "OSFModel"),
+    "ln_tuning": ("LNTuningConfig", "LNTuningModel"),
+    "deft": ("DeftConfig", "DeftModel"),
+    "gralora": ("GraloraConfig", "GraloraModel"),
+    "glora": ("GloraConfig", "GloraModel"),
+    "beft": ("BeftConfig", "BeftModel"),
+    "delora": ("DeloraConfig", "DeloraModel"),
+    "lily": ("LilyConfig", "LilyModel"),
+    "shira": ("ShiraConfig", "ShiraModel"),
+    "peanut": ("PeanutConfig", "PeanutModel"),
+    "frod": ("FrodConfig", "FrodModel"),
+    "supertuning": ("SupertuningConfig", "SupertuningModel"),
 }
 _LAZY_NAMES = {name: folder for folder, names in _CATALOG.items() for name in names}
 

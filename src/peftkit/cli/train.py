@@ -308,9 +308,9 @@ def eval_logits(model: nn.Module, tokenizer: Any, examples: Sequence[dict], batc
 # ---------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """Entry point of `peftkit train`; returns the exit status (1 when training or a --verify check fails)."""
+    settings = resolve_settings(vars(args), extra)  # bad options fail here, before transformers loads
     from transformers import set_seed
 
-    settings = resolve_settings(vars(args), extra)
     model_id = settings.model or default_model_path()
     # A local folder is recorded as an absolute path (the adapter's base_model_name_or_path), so
     # `peftkit merge` and `PeftModel.from_pretrained` find it from any directory.

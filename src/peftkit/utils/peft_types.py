@@ -37,6 +37,18 @@ class PeftType(str, enum.Enum):
     C3A = "C3A"
     HIRA = "HIRA"
     MISS = "MISS"
+    OSF = "OSF"
+    LN_TUNING = "LN_TUNING"
+    DEFT = "DEFT"
+    GRALORA = "GRALORA"
+    GLORA = "GLORA"
+    BEFT = "BEFT"
+    DELORA = "DELORA"
+    LILY = "LILY"
+    SHIRA = "SHIRA"
+    PEANUT = "PEANUT"
+    FROD = "FROD"
+    SUPERTUNING = "SUPERTUNING"
 
     def __str__(self) -> str:
         return self.value

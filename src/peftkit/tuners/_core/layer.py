@@ -331,6 +331,8 @@ class BaseTunerLayer:
         adapters stay fp32, so small updates are not lost to rounding; without it they take the
         base dtype. Quantized bases (integer storage) give fp32, or without `keep_fp32` their float
         `compute_dtype`. Meta tensors (low_cpu_mem_usage=True) stay on the meta device, dtype set.
+        As in peft, fresh fp32 tensors over a low-precision float base pass through the base dtype
+        first (bf16 -> fp32), so the same seed gives the same adapter in both libraries.
         """
         base = self.get_base_layer()
         weight = getattr(base, "weight", None)
@@ -346,6 +348,7 @@ class BaseTunerLayer:
             dtype = torch.float32
         else:
             dtype = weight.dtype
+        rounding = weight.dtype if weight.is_floating_point() and weight.dtype != dtype else None
         for attr in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, attr, None)
             if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
@@ -353,7 +356,11 @@ class BaseTunerLayer:
             item = container[adapter_name]
             for tensor in [item] if isinstance(item, torch.Tensor) else [*item.parameters(), *item.buffers()]:
                 device = tensor.device if tensor.is_meta else weight.device
-                tensor.data = tensor.data.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+                if not tensor.is_floating_point():
+                    tensor.data = tensor.data.to(device)
+                    continue
+                data = tensor.data.to(device, rounding) if rounding is not None else tensor.data
+                tensor.data = data.to(device, dtype)
 
 
 def _require_finite(adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:

@@ -33,6 +33,10 @@ from .tied import apply_weight_tying, plan_weight_tying, tied_output_names
 from .weighted import add_weighted_adapter
 
 
+#: peft's public name for LoRA's default targets per architecture (the same table).
+TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING = LORA_TARGET_MODULES_BY_MODEL_TYPE
+
+
 class LoraModel(BiasOptions, BaseTuner):
     """Creates LoRA adapters on a model: `LoraModel(model, LoraConfig(...), "default")`.
 
