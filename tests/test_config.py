@@ -114,6 +114,24 @@ def test_user_config_is_not_mutated():
     assert isinstance(resolved, set) and not any(name.endswith("lm_head") for name in resolved)
 
 
+@pytest.mark.parametrize("second", ["lora", "ia3"])
+def test_all_linear_for_a_second_adapter_targets_the_same_layers(second):
+    """A second "all-linear" adapter wraps the layers the first one wrapped, not their insides
+    (`base_layer`, `lora_A.default`, ...), whichever method either adapter is."""
+    from peftkit import IA3Config
+
+    model = get_peft_model(llama(), LoraConfig(r=2, target_modules="all-linear"))
+    config = LoraConfig(r=2, target_modules="all-linear") if second == "lora" else IA3Config(target_modules="all-linear", feedforward_modules=[])
+    first = set(model.peft_config["default"].target_modules)
+    if second == "lora":
+        model.add_adapter("second", config)
+        assert set(model.peft_config["second"].target_modules) == first
+    else:
+        names = model.base_model._all_linear_names(config)
+        assert names == first
+    assert not any(".base_layer" in name or "lora_" in name for name in first)
+
+
 def test_no_default_for_custom_model_asks_for_target_modules():
     import torch.nn as nn
 

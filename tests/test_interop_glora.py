@@ -8,23 +8,24 @@ an adapter that is not loaded, or loaded into the wrong place, changes the outpu
 
 from __future__ import annotations
 
-import json
-import os
+from functools import partial
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
+from tests import interop_helpers  # noqa: E402
+from tests.interop_helpers import (  # noqa: E402
+    assert_same_tensors, check_checkpoint_parity, check_merge_parity, check_roundtrip, merge_both_adapters, output,
+    roundtrip_params, seeded_peft_model)
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
 
 LIBS = {"peft": peft, "peftkit": peftkit}
-DIRECTIONS = [("peft", "peftkit"), ("peftkit", "peft")]
 ATOL = 1e-5
 
 
@@ -68,28 +69,13 @@ CASES = {
 
 
 def make_model(name: str) -> nn.Module:
-    if name == "mlp":
-        return MLP().eval()
-    if name.endswith("-bf16"):
-        return MODEL_FACTORIES[name.removesuffix("-bf16")].make_model().to(torch.bfloat16)
-    return MODEL_FACTORIES[name].make_model()
+    return MLP().eval() if name == "mlp" else interop_helpers.make_model(name)
 
 
 def make_inputs(name: str) -> dict:
     if name == "mlp":
         return {"x": torch.randn(4, 6, generator=torch.Generator().manual_seed(1))}
-    return MODEL_FACTORIES[name.removesuffix("-bf16")].make_inputs()
-
-
-def output(model: nn.Module, inputs: dict, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        result = model(**inputs, **kwargs)
-    return result if isinstance(result, torch.Tensor) else result.logits
-
-
-def loss_of(model: nn.Module, inputs: dict) -> torch.Tensor:
-    result = model(**inputs)
-    return result.square().mean() if isinstance(result, torch.Tensor) else result.loss
+    return interop_helpers.make_inputs(name)
 
 
 def wrap(lib_name: str, case: str):
@@ -98,36 +84,7 @@ def wrap(lib_name: str, case: str):
     kwargs: dict = {} if arch == "mlp" else {"task_type": MODEL_FACTORIES[arch].task_type}
     kwargs.update(r=2, target_modules=TARGETS[arch], init_weights=False)
     kwargs.update(overrides)
-    lib = LIBS[lib_name]
-    torch.manual_seed(1234)
-    model = lib.get_peft_model(make_model(model_name), lib.GloraConfig(**kwargs))
-    if steps:
-        train(model, make_inputs(model_name), steps)
-    return model.eval()
-
-
-def train(model: nn.Module, inputs: dict, steps: int) -> None:
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(steps):
-        loss_of(model, inputs).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, "adapter_model.safetensors"))
-
-
-def read_config(directory) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    config.pop("peft_version")
-    for key in ("target_modules", "modules_to_save"):
-        if isinstance(config.get(key), list):
-            config[key] = sorted(config[key])
-    return config
+    return seeded_peft_model(LIBS[lib_name], "GloraConfig", kwargs, model_name, steps, make_model, make_inputs)
 
 
 def tolerance(case: str) -> float:
@@ -137,43 +94,18 @@ def tolerance(case: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize(
-    ("case", "src_name", "dst_name"),
-    [pytest.param(c, s, d, id=f"{c}-{s}->{d}") for c in CASES for s, d in DIRECTIONS],
-)
+@pytest.mark.parametrize(("case", "src_name", "dst_name"), roundtrip_params(CASES))
 def test_adapter_roundtrip_gives_same_logits(case, src_name, dst_name, tmp_path):
     model_name = CASES[case][0]
-    src = wrap(src_name, case)
-    inputs = make_inputs(model_name)
-    expected = output(src, inputs)
-    assert (expected.float() - output(make_model(model_name), inputs).float()).abs().max() > 1e-3, "vacuous adapter"
-    src.save_pretrained(str(tmp_path))
-
-    loaded = LIBS[dst_name].PeftModel.from_pretrained(make_model(model_name), str(tmp_path)).eval()
-    assert type(loaded.base_model).__name__ == "GloraModel"
-    torch.testing.assert_close(output(loaded, inputs), expected, atol=tolerance(case), rtol=0)
-    in_file = read_weights(tmp_path)
-    in_model = LIBS[dst_name].get_peft_model_state_dict(loaded)
-    assert sorted(in_model) == sorted(in_file)
-    for key, tensor in in_file.items():
-        torch.testing.assert_close(in_model[key], tensor, atol=0, rtol=0, msg=key)
+    check_roundtrip(LIBS, wrap(src_name, case), dst_name, partial(make_model, model_name), make_inputs(model_name),
+                    tmp_path, tolerance(case), "GloraModel")
 
 
 @pytest.mark.parametrize("case", ["llama", "bert", "bert-vector", "mlp-none", "mlp-bias-all-trained", "llama-bf16"])
 def test_checkpoint_and_config_parity(case, tmp_path):
     """Both libraries write the same tensor keys, shapes and dtypes, and the same adapter_config.json."""
-    models, dirs = {}, {}
-    for lib_name in LIBS:
-        models[lib_name] = wrap(lib_name, case)
-        dirs[lib_name] = tmp_path / lib_name
-        models[lib_name].save_pretrained(str(dirs[lib_name]))
-    theirs, ours = read_weights(dirs["peft"]), read_weights(dirs["peftkit"])
-    layout = {key: (tuple(t.shape), t.dtype) for key, t in ours.items()}
-    assert layout == {key: (tuple(t.shape), t.dtype) for key, t in theirs.items()}
+    ours = check_checkpoint_parity({name: wrap(name, case) for name in LIBS}, tmp_path)["peftkit"]
     assert any(".glora_A." in key for key in ours) and not any(".default" in key for key in ours)
-    assert read_config(dirs["peftkit"]) == read_config(dirs["peft"])
-    counts = {name: model.get_nb_trainable_parameters() for name, model in models.items()}
-    assert counts["peftkit"] == counts["peft"]
 
 
 def test_same_seed_draws_the_same_adapter():
@@ -182,27 +114,14 @@ def test_same_seed_draws_the_same_adapter():
     for lib_name in LIBS:
         model = wrap(lib_name, "bert-vector")
         states[lib_name] = {k: v for k, v in model.state_dict().items() if "glora_" in k}
-    assert sorted(states["peftkit"]) == sorted(states["peft"])
-    for key, tensor in states["peft"].items():
-        torch.testing.assert_close(states["peftkit"][key], tensor, atol=0, rtol=0, msg=key)
+    assert_same_tensors(states["peftkit"], states["peft"])
 
 
 @pytest.mark.parametrize("case", ["llama", "bert", "bert-constant", "mlp-none"])
 def test_merge_and_unload_parity(case, tmp_path):
     model_name = CASES[case][0]
     wrap("peft", case).save_pretrained(str(tmp_path))
-    inputs = make_inputs(model_name)
-    merged = {}
-    for lib_name, lib in LIBS.items():
-        loaded = lib.PeftModel.from_pretrained(make_model(model_name), str(tmp_path))
-        unmerged = output(loaded, inputs)
-        with torch.no_grad():
-            merged[lib_name] = loaded.merge_and_unload().eval()
-    theirs, ours = merged["peft"].state_dict(), merged["peftkit"].state_dict()
-    assert sorted(ours) == sorted(theirs)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=key)
-    torch.testing.assert_close(output(merged["peftkit"], inputs), unmerged, atol=1e-4, rtol=0)
+    check_merge_parity(LIBS, tmp_path, partial(make_model, model_name), make_inputs(model_name), ATOL)
 
 
 def test_two_adapters_merged_in_turn_match_peft():
@@ -214,13 +133,7 @@ def test_two_adapters_merged_in_turn_match_peft():
         model = lib.get_peft_model(make_model("mlp"), lib.GloraConfig(r=2, target_modules=["lin0"], init_weights=False))
         model.add_adapter("other", lib.GloraConfig(r=3, target_modules=["lin0", "lin1"], config_D_E="vector",
                                                    init_weights=False))
-        model.base_model.set_adapter(["default", "other"])
-        both = output(model, inputs)
-        model.merge_adapter(["default"])
-        model.merge_adapter(["other"])
-        results[lib_name] = (both, output(model, inputs))
-        model.unmerge_adapter()
-        torch.testing.assert_close(output(model, inputs), both, atol=1e-4, rtol=0)
+        results[lib_name] = merge_both_adapters(model, inputs, atol=1e-4)
     torch.testing.assert_close(results["peftkit"][0], results["peft"][0], atol=ATOL, rtol=0)
     torch.testing.assert_close(results["peftkit"][1], results["peft"][1], atol=1e-4, rtol=0)
     torch.testing.assert_close(results["peftkit"][1], results["peftkit"][0], atol=1e-4, rtol=0)

@@ -7,21 +7,22 @@ an adapter that is not loaded, or loaded into the wrong place, changes the outpu
 
 from __future__ import annotations
 
+from functools import partial
 
 import pytest
 import torch
-from torch import nn
 
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
-from tests.interop_helpers import make_inputs, make_model, output, read_config, read_weights  # noqa: E402
+from tests.interop_helpers import (  # noqa: E402
+    check_checkpoint_parity, check_merge_parity, check_roundtrip, make_inputs, make_model, output, roundtrip_params,
+    seeded_peft_model)
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
 
 LIBS = {"peft": peft, "peftkit": peftkit}
-DIRECTIONS = [("peft", "peftkit"), ("peftkit", "peft")]
 ATOL = 1e-5
 
 TARGETS = {
@@ -54,22 +55,7 @@ def wrap(lib_name: str, case: str):
     kwargs: dict = {"task_type": MODEL_FACTORIES[arch].task_type}
     kwargs.update(r=4, alpha=8, target_modules=TARGETS[arch], init_weights=False)
     kwargs.update(overrides)
-    lib = LIBS[lib_name]
-    torch.manual_seed(1234)
-    model = lib.get_peft_model(make_model(model_name), lib.GraloraConfig(**kwargs))
-    if steps:
-        train(model, make_inputs(model_name), steps)
-    return model.eval()
-
-
-def train(model: nn.Module, inputs: dict, steps: int) -> None:
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(steps):
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    return seeded_peft_model(LIBS[lib_name], "GraloraConfig", kwargs, model_name, steps)
 
 
 def tolerance(case: str) -> float:
@@ -77,26 +63,11 @@ def tolerance(case: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize(
-    ("case", "src_name", "dst_name"),
-    [pytest.param(c, s, d, id=f"{c}-{s}->{d}") for c in CASES for s, d in DIRECTIONS],
-)
+@pytest.mark.parametrize(("case", "src_name", "dst_name"), roundtrip_params(CASES))
 def test_adapter_roundtrip_gives_same_logits(case, src_name, dst_name, tmp_path):
     model_name = CASES[case][0]
-    src = wrap(src_name, case)
-    inputs = make_inputs(model_name)
-    expected = output(src, inputs)
-    assert (expected.float() - output(make_model(model_name), inputs).float()).abs().max() > 1e-3, "vacuous adapter"
-    src.save_pretrained(str(tmp_path))
-
-    loaded = LIBS[dst_name].PeftModel.from_pretrained(make_model(model_name), str(tmp_path)).eval()
-    assert type(loaded.base_model).__name__ == "GraloraModel"
-    torch.testing.assert_close(output(loaded, inputs), expected, atol=tolerance(case), rtol=0)
-    in_file = read_weights(tmp_path)
-    in_model = LIBS[dst_name].get_peft_model_state_dict(loaded)
-    assert sorted(in_model) == sorted(in_file)
-    for key, tensor in in_file.items():
-        torch.testing.assert_close(in_model[key], tensor, atol=0, rtol=0, msg=key)
+    check_roundtrip(LIBS, wrap(src_name, case), dst_name, partial(make_model, model_name), make_inputs(model_name),
+                    tmp_path, tolerance(case), "GraloraModel")
 
 
 @pytest.mark.parametrize("case", ["llama", "llama-hybrid", "llama-k4", "llama-bf16", "gpt2", "bert-bias-trained"])
@@ -116,33 +87,12 @@ def test_same_seed_same_adapter_and_logits(case):
 @pytest.mark.parametrize("case", ["llama", "llama-hybrid", "llama-bf16", "gpt2", "bert-bias-trained"])
 def test_checkpoint_and_config_parity(case, tmp_path):
     """Both libraries write the same tensor keys, shapes and dtypes, and the same adapter_config.json."""
-    models, dirs = {}, {}
-    for lib_name in LIBS:
-        models[lib_name] = wrap(lib_name, case)
-        dirs[lib_name] = tmp_path / lib_name
-        models[lib_name].save_pretrained(str(dirs[lib_name]))
-    theirs, ours = read_weights(dirs["peft"]), read_weights(dirs["peftkit"])
-    layout = {key: (tuple(t.shape), t.dtype) for key, t in ours.items()}
-    assert layout == {key: (tuple(t.shape), t.dtype) for key, t in theirs.items()}
+    ours = check_checkpoint_parity({name: wrap(name, case) for name in LIBS}, tmp_path)["peftkit"]
     assert any(key.endswith(".gralora_A") for key in ours) and not any(".default" in key for key in ours)
-    assert read_config(dirs["peftkit"], comparable=True) == read_config(dirs["peft"], comparable=True)
-    counts = {name: model.get_nb_trainable_parameters() for name, model in models.items()}
-    assert counts["peftkit"] == counts["peft"]
 
 
 @pytest.mark.parametrize("case", ["llama-trained", "llama-hybrid", "llama-k4", "gpt2", "bert-bias-trained"])
 def test_merge_and_unload_parity(case, tmp_path):
     model_name = CASES[case][0]
     wrap("peft", case).save_pretrained(str(tmp_path))
-    inputs = make_inputs(model_name)
-    merged = {}
-    for lib_name, lib in LIBS.items():
-        loaded = lib.PeftModel.from_pretrained(make_model(model_name), str(tmp_path))
-        unmerged = output(loaded, inputs)
-        with torch.no_grad():
-            merged[lib_name] = loaded.merge_and_unload().eval()
-    theirs, ours = merged["peft"].state_dict(), merged["peftkit"].state_dict()
-    assert sorted(ours) == sorted(theirs)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=key)
-    torch.testing.assert_close(output(merged["peftkit"], inputs), unmerged, atol=1e-4, rtol=0)
+    check_merge_parity(LIBS, tmp_path, partial(make_model, model_name), make_inputs(model_name), ATOL)

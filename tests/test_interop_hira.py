@@ -7,6 +7,7 @@ so an adapter that is not loaded, or loaded into the wrong place, changes the ou
 
 from __future__ import annotations
 
+from functools import partial
 
 import pytest
 import torch
@@ -15,13 +16,15 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import peftkit  # noqa: E402
-from tests.interop_helpers import output, read_config, read_weights  # noqa: E402
+from tests import interop_helpers  # noqa: E402
+from tests.interop_helpers import (  # noqa: E402
+    check_checkpoint_parity, check_merge_parity, check_roundtrip, merge_both_adapters, roundtrip_params,
+    seeded_peft_model)
 from tests.tiny_models import MODEL_FACTORIES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning")
 
 LIBS = {"peft": peft, "peftkit": peftkit}
-DIRECTIONS = [("peft", "peftkit"), ("peftkit", "peft")]
 ATOL = 1e-5
 
 
@@ -71,22 +74,13 @@ CASES = {
 
 
 def make_model(name: str) -> nn.Module:
-    if name == "conv":
-        return ConvNet().eval()
-    if name.endswith("-bf16"):
-        return MODEL_FACTORIES[name.removesuffix("-bf16")].make_model().to(torch.bfloat16)
-    return MODEL_FACTORIES[name].make_model()
+    return ConvNet().eval() if name == "conv" else interop_helpers.make_model(name)
 
 
 def make_inputs(name: str) -> dict:
     if name == "conv":
         return {"x": torch.randn(2, 2, 2, 5, 5, generator=torch.Generator().manual_seed(1))}
-    return MODEL_FACTORIES[name.removesuffix("-bf16")].make_inputs()
-
-
-def loss_of(model: nn.Module, inputs: dict) -> torch.Tensor:
-    result = model(**inputs)
-    return result.square().mean() if isinstance(result, torch.Tensor) else result.loss
+    return interop_helpers.make_inputs(name)
 
 
 def wrap(lib_name: str, case: str):
@@ -95,22 +89,7 @@ def wrap(lib_name: str, case: str):
     kwargs: dict = {} if arch == "conv" else {"task_type": MODEL_FACTORIES[arch].task_type}
     kwargs.update(r=2, target_modules=TARGETS[arch], init_weights=False)
     kwargs.update(overrides)
-    lib = LIBS[lib_name]
-    torch.manual_seed(1234)
-    model = lib.get_peft_model(make_model(model_name), lib.HiraConfig(**kwargs))
-    if steps:
-        train(model, make_inputs(model_name), steps)
-    return model.eval()
-
-
-def train(model: nn.Module, inputs: dict, steps: int) -> None:
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(steps):
-        loss_of(model, inputs).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    return seeded_peft_model(LIBS[lib_name], "HiraConfig", kwargs, model_name, steps, make_model, make_inputs)
 
 
 def tolerance(case: str) -> float:
@@ -118,61 +97,25 @@ def tolerance(case: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize(
-    ("case", "src_name", "dst_name"),
-    [pytest.param(c, s, d, id=f"{c}-{s}->{d}") for c in CASES for s, d in DIRECTIONS],
-)
+@pytest.mark.parametrize(("case", "src_name", "dst_name"), roundtrip_params(CASES))
 def test_adapter_roundtrip_gives_same_logits(case, src_name, dst_name, tmp_path):
     model_name = CASES[case][0]
-    src = wrap(src_name, case)
-    inputs = make_inputs(model_name)
-    expected = output(src, inputs)
-    assert (expected.float() - output(make_model(model_name), inputs).float()).abs().max() > 1e-3, "vacuous adapter"
-    src.save_pretrained(str(tmp_path))
-
-    loaded = LIBS[dst_name].PeftModel.from_pretrained(make_model(model_name), str(tmp_path)).eval()
-    assert type(loaded.base_model).__name__ == "HiraModel"
-    torch.testing.assert_close(output(loaded, inputs), expected, atol=tolerance(case), rtol=0)
-    in_file = read_weights(tmp_path)
-    in_model = LIBS[dst_name].get_peft_model_state_dict(loaded)
-    assert sorted(in_model) == sorted(in_file)
-    for key, tensor in in_file.items():
-        torch.testing.assert_close(in_model[key], tensor, atol=0, rtol=0, msg=key)
+    check_roundtrip(LIBS, wrap(src_name, case), dst_name, partial(make_model, model_name), make_inputs(model_name),
+                    tmp_path, tolerance(case), "HiraModel")
 
 
 @pytest.mark.parametrize("case", ["llama", "llama-embedding", "gpt2", "conv", "llama-bf16"])
 def test_checkpoint_and_config_parity(case, tmp_path):
     """Both libraries write the same tensor keys, shapes and dtypes, and the same adapter_config.json."""
-    models, dirs = {}, {}
-    for lib_name in LIBS:
-        models[lib_name] = wrap(lib_name, case)
-        dirs[lib_name] = tmp_path / lib_name
-        models[lib_name].save_pretrained(str(dirs[lib_name]))
-    theirs, ours = read_weights(dirs["peft"]), read_weights(dirs["peftkit"])
-    layout = {key: (tuple(t.shape), t.dtype) for key, t in ours.items()}
-    assert layout == {key: (tuple(t.shape), t.dtype) for key, t in theirs.items()}
+    ours = check_checkpoint_parity({name: wrap(name, case) for name in LIBS}, tmp_path)["peftkit"]
     assert any(".hira_A" in key for key in ours) and not any(".default" in key for key in ours)
-    assert read_config(dirs["peftkit"], comparable=True) == read_config(dirs["peft"], comparable=True)
-    counts = {name: model.get_nb_trainable_parameters() for name, model in models.items()}
-    assert counts["peftkit"] == counts["peft"]
 
 
 @pytest.mark.parametrize("case", ["llama", "llama-embedding-trained", "gpt2", "conv"])
 def test_merge_and_unload_parity(case, tmp_path):
     model_name = CASES[case][0]
     wrap("peft", case).save_pretrained(str(tmp_path))
-    inputs = make_inputs(model_name)
-    merged = {}
-    for lib_name, lib in LIBS.items():
-        loaded = lib.PeftModel.from_pretrained(make_model(model_name), str(tmp_path))
-        unmerged = output(loaded, inputs)
-        with torch.no_grad():
-            merged[lib_name] = loaded.merge_and_unload().eval()
-    theirs, ours = merged["peft"].state_dict(), merged["peftkit"].state_dict()
-    assert sorted(ours) == sorted(theirs)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=key)
-    torch.testing.assert_close(output(merged["peftkit"], inputs), unmerged, atol=1e-4, rtol=0)
+    check_merge_parity(LIBS, tmp_path, partial(make_model, model_name), make_inputs(model_name), ATOL)
 
 
 def test_two_adapters_merged_in_turn_match_peft(tmp_path):
@@ -183,13 +126,7 @@ def test_two_adapters_merged_in_turn_match_peft(tmp_path):
         torch.manual_seed(7)
         model = lib.get_peft_model(make_model("llama"), lib.HiraConfig(r=2, target_modules=["q_proj"], init_weights=False))
         model.add_adapter("other", lib.HiraConfig(r=3, target_modules=["q_proj", "v_proj"], init_weights=False))
-        model.base_model.set_adapter(["default", "other"])
-        both = output(model, inputs)
-        model.merge_adapter(["default"])
-        model.merge_adapter(["other"])
-        results[lib_name] = (both, output(model, inputs))
-        model.unmerge_adapter()
-        torch.testing.assert_close(output(model, inputs), both, atol=ATOL, rtol=0)
+        results[lib_name] = merge_both_adapters(model, inputs)
     torch.testing.assert_close(results["peftkit"][0], results["peft"][0], atol=ATOL, rtol=0)
     torch.testing.assert_close(results["peftkit"][1], results["peft"][1], atol=1e-4, rtol=0)
     torch.testing.assert_close(results["peftkit"][1], results["peftkit"][0], atol=1e-4, rtol=0)

@@ -89,6 +89,8 @@ CONFIGS = {
     "BEFT": lambda: peftkit.BeftConfig(target_modules=ATTENTION, init_weights=False),
     "FROD": lambda: peftkit.FrodConfig(target_modules=ATTENTION, init_weights=False, sparse_rate=0.05, progressbar=False),
     "SUPERTUNING": lambda: peftkit.SupertuningConfig(target_modules=ATTENTION, init_weights=False, sparsity=0.9),
+    "TRAINABLE_TOKENS": lambda: peftkit.TrainableTokensConfig(token_indices=[7, 13, 14, 25, 49], init_weights=False),
+    "ADAMSS": lambda: peftkit.AdamssConfig(r=4, num_subspaces=2, subspace_rank=2, target_modules=ATTENTION, init_weights=None),
 }
 BUILTIN = [member.value for member in PeftType]
 

@@ -105,6 +105,8 @@ _CATALOG = {
     "peanut": ("PeanutConfig", "PeanutModel"),
     "frod": ("FrodConfig", "FrodModel"),
     "supertuning": ("SupertuningConfig", "SupertuningModel"),
+    "trainable_tokens": ("TrainableTokensConfig", "TrainableTokensModel"),
+    "adamss": ("AdamssConfig", "AdamssModel"),
 }
 _LAZY_NAMES = {name: folder for folder, names in _CATALOG.items() for name in names}
 

@@ -49,6 +49,8 @@ class PeftType(str, enum.Enum):
     PEANUT = "PEANUT"
     FROD = "FROD"
     SUPERTUNING = "SUPERTUNING"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    ADAMSS = "ADAMSS"
 
     def __str__(self) -> str:
         return self.value

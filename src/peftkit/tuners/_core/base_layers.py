@@ -30,6 +30,26 @@ def base_of(target: nn.Module) -> nn.Module:
     return target.get_base_layer() if hasattr(target, "get_base_layer") else target
 
 
+def correct_fan_in_fan_out(config: Any, target: nn.Module, is_linear: Optional[Callable[[nn.Module], bool]] = None) -> None:
+    """As peft: the base decides the weight layout; a config saying otherwise is corrected in place,
+    with peft's warning. Linear (by default `nn.Linear`; `is_linear` widens it) means (out, in),
+    GPT-2's `Conv1D` (in, out); any other base leaves the flag as it is."""
+    base = base_of(target)
+    if isinstance(base, Conv1D):
+        if not config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                stacklevel=6,
+            )
+            config.fan_in_fan_out = True
+    elif (is_linear(base) if is_linear is not None else isinstance(base, nn.Linear)) and config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.",
+            stacklevel=6,
+        )
+        config.fan_in_fan_out = False
+
+
 def wraps(accepts: Union[type, tuple[type, ...], Callable[[nn.Module], bool]], layer_cls: type) -> Callable[..., Any]:
     """A dispatcher (see `BaseTuner.dispatchers`): `layer_cls(target, adapter_name, **kwargs)` when the
     target's innermost layer is an instance of `accepts` (or passes the predicate `accepts`), else None."""

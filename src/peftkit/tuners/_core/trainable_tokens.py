@@ -11,7 +11,10 @@ embedding is resized (new random rows) and the adapter later loaded on a fresh r
 `TrainableTokensWrapper` puts one beside another method, for LoRA's `trainable_token_indices`, as an
 `AuxiliaryWrapper` named `token_adapter` (checkpoint key `<embedding>.token_adapter.trainable_tokens_delta`).
 An output layer tied to the embedding (`tie_word_embeddings`) gets a layer that shares the tied
-embedding's tensors: it is kept in sync and is not saved a second time.
+embedding's tensors: it is kept in sync and, beside LoRA, is not saved a second time. As the layer
+of the method itself (`standalone=True`, peft's `TrainableTokensModel`) a tied layer writes its own
+key too (`lm_head.trainable_tokens_delta`, the same values, as peft's files have it), and an empty
+`token_indices` (the config's default) is a no-op adapter.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ class TrainableTokensLayer(BaseTunerLayer, nn.Module):
         token_indices: list[int],
         init_weights: bool = True,
         tied_adapter: Optional["TrainableTokensLayer"] = None,
+        standalone: bool = False,
     ) -> None:
         super().__init__()
+        self.standalone = standalone
         base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
         if not isinstance(base, (nn.Embedding, nn.Linear)):
             raise ConfigError(
@@ -79,7 +84,7 @@ class TrainableTokensLayer(BaseTunerLayer, nn.Module):
         if self.tied_adapter is not None:
             return
         weight = self.get_base_layer().weight
-        indices = _checked_indices(token_indices, weight.shape[0])
+        indices = _checked_indices(token_indices, weight.shape[0], allow_empty=self.standalone)
         originals = weight.detach()[indices]
         values = originals.clone() if init_weights else torch.randn_like(originals)
         self.token_indices[adapter_name] = indices
@@ -88,7 +93,9 @@ class TrainableTokensLayer(BaseTunerLayer, nn.Module):
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def adapter_state(self, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
-        return {} if self.tied_adapter is not None else super().adapter_state(adapter_name, prefix)
+        if self.tied_adapter is not None and not self.standalone:
+            return {}
+        return super().adapter_state(adapter_name, prefix)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self.tied_adapter is None:
@@ -110,7 +117,7 @@ class TrainableTokensLayer(BaseTunerLayer, nn.Module):
 
     # ------------------------------------------------------------------ the weight with the rows replaced
     def _rows(self, adapter_name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(self.token_indices[adapter_name], device=like.device)
+        index = torch.tensor(self.token_indices[adapter_name], dtype=torch.long, device=like.device)
         return index, self.trainable_tokens_delta[adapter_name].to(like)
 
     def get_merged_weights(self, adapter_names: list[str]) -> torch.Tensor:
@@ -127,7 +134,7 @@ class TrainableTokensLayer(BaseTunerLayer, nn.Module):
         return weight.index_copy(0, index, rows), bias
 
     def unfold(self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-        index = torch.tensor(self.token_indices[adapter_name], device=weight.device)
+        index = torch.tensor(self.token_indices[adapter_name], dtype=torch.long, device=weight.device)
         return weight.index_copy(0, index, self.trainable_tokens_original[adapter_name].to(weight)), bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -155,8 +162,8 @@ class TrainableTokensLayer(BaseTunerLayer, nn.Module):
         return "trainable_tokens." + super().__repr__()
 
 
-def _checked_indices(token_indices: Any, num_rows: int) -> list[int]:
-    if not isinstance(token_indices, (list, tuple)) or not token_indices:
+def _checked_indices(token_indices: Any, num_rows: int, allow_empty: bool = False) -> list[int]:
+    if not isinstance(token_indices, (list, tuple)) or not (token_indices or allow_empty):
         raise ConfigError(f"token indices must be a non-empty list of ints, got {token_indices!r}.")
     bad = [i for i in token_indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_rows]
     if bad:

@@ -221,13 +221,22 @@ class BaseTuner(nn.Module):
         return dataclasses.replace(config, target_modules=target_modules)
 
     def _all_linear_names(self, config: Any) -> set[str]:
-        """Every Linear / GPT-2 Conv1D except the output head and modules_to_save."""
+        """Every Linear / GPT-2 Conv1D except the output head and modules_to_save.
+
+        A layer an earlier adapter wrapped counts by its base layer, so a second "all-linear"
+        adapter targets the same layers; nothing inside a wrapped layer counts (its `base_layer`,
+        the adapters' own Linear modules), nor inside a modules_to_save / trainable-tokens wrapper.
+        """
         from transformers.pytorch_utils import Conv1D
 
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        wrappers = {name for name, module in self.model.named_modules() if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper))}
         names = set()
         for name, module in self.model.named_modules():
-            if not isinstance(module, (nn.Linear, Conv1D)) or module is output:
+            if any(name.startswith(prefix + ".") for prefix in wrappers):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, (nn.Linear, Conv1D)) or base is output:
                 continue
             if name.rpartition(".")[2] == "lm_head" or key_matches(name, config.modules_to_save):
                 continue

@@ -8,14 +8,12 @@ With `bias="all"` / `"fourier_only"` the trained biases are saved under their mo
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .._core.base_layers import base_of
+from .._core.base_layers import correct_fan_in_fan_out
 from ..vblora.shared import SharedTensorsTuner, refuse_unsupported
 from .config import FourierFTConfig
 from .constants import FOURIERFT_TARGET_MODULES_BY_MODEL_TYPE
@@ -29,23 +27,6 @@ def fourierft_pattern_value(patterns: Mapping[str, Any], key: str, default: Any)
         if re.match(rf".*\.{pattern}$", key):
             return patterns[pattern]
     return patterns.get(key, default)
-
-
-def correct_fan_in_fan_out(config: Any, target: nn.Module) -> None:
-    """As peft: the base decides the layout; a config saying otherwise is corrected, with peft's warning."""
-    base = base_of(target)
-    if isinstance(base, nn.Linear) and config.fan_in_fan_out:
-        warnings.warn(
-            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.",
-            stacklevel=6,
-        )
-        config.fan_in_fan_out = False
-    elif isinstance(base, Conv1D) and not config.fan_in_fan_out:
-        warnings.warn(
-            "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
-            stacklevel=6,
-        )
-        config.fan_in_fan_out = True
 
 
 class SpectralTuner(SharedTensorsTuner):

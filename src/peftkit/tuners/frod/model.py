@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import ConfigError, TargetModulesError
+from .._core.base_layers import correct_fan_in_fan_out
 from .._core.bias import BiasOptions
 from .._core.buffer_dict import BufferDict
 from .._core.matching import is_targeted
@@ -262,20 +263,7 @@ class FrodModel(BiasOptions, BaseTuner):
 
     def new_layer_kwargs(self, config: FrodConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
         """As peft: the base decides the layout, with peft's warnings (the adapter's config records it)."""
-        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if isinstance(base, nn.Linear) and config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                "Setting fan_in_fan_out to False.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = False
-        elif isinstance(base, Conv1D) and not config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = True
+        correct_fan_in_fan_out(config, target)  # as peft: the base decides the layout
         return {}
 
     # ------------------------------------------------------------------ checkpoints

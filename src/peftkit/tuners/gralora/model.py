@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .._core.base_layers import base_of
+from .._core.base_layers import correct_fan_in_fan_out
 from .._core.bias import BiasOptions
 from .._core.tuner import BaseTuner
 from ..lora.constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
@@ -44,20 +42,5 @@ class GraloraModel(BiasOptions, BaseTuner):
         }
 
     def new_layer_kwargs(self, config: GraloraConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
-        # The layout follows the base; as peft, a disagreeing flag is warned about and corrected in the
-        # adapter's (private) config.
-        base = base_of(target)
-        if isinstance(base, nn.Linear) and config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                "Setting fan_in_fan_out to False.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = False
-        elif isinstance(base, Conv1D) and not config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = True
+        correct_fan_in_fan_out(config, target)  # as peft: the base decides the layout
         return {}

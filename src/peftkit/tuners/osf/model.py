@@ -10,7 +10,6 @@ from torch import nn
 
 from ...quantization.weights import is_quantized
 from .._core.base_layers import base_of
-from .._core.layer import BaseTunerLayer
 from .._core.tuner import BaseTuner
 from .config import OSFConfig
 from .layer import SUPPORTED_LAYERS, OSFLayer, dispatch_linear
@@ -46,11 +45,6 @@ def resolve_effective_rank(value: Optional[Union[int, float]], min_dim: int) -> 
     return max(min(min_dim, rank), 0)
 
 
-def _inside(name: str, wrapped: set[str]) -> bool:
-    """Whether module `name` lies inside one of the `wrapped` layers."""
-    return any(name.startswith(prefix + ".") for prefix in wrapped)
-
-
 class OSFModel(BaseTuner):
     """Creates OSF adapters on a model: `OSFModel(model, OSFConfig(...), "default")`.
 
@@ -70,17 +64,6 @@ class OSFModel(BaseTuner):
         if config.target_modules is None and self._model_type() not in self.default_target_modules:
             config = dataclasses.replace(config, target_modules="all-linear")
         return super()._prepare_adapter_config(config)
-
-    def _all_linear_names(self, config: Any) -> set[str]:
-        """The core's "all-linear", plus layers already wrapped (a second adapter), never their insides (peft)."""
-        wrapped = {name for name, module in self.model.named_modules() if isinstance(module, BaseTunerLayer)}
-        names = {name for name in super()._all_linear_names(config) if not _inside(name, wrapped)}
-        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        for name in wrapped:
-            module = self.model.get_submodule(name)
-            if "Linear" in type(module).__name__ and base_of(module) is not output and not _inside(name, wrapped):
-                names.add(name)
-        return names
 
     def layer_kwargs(self, config: OSFConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
         weight = getattr(target, "weight", None)

@@ -9,13 +9,13 @@ vectors live in `self.tinylora_v[adapter][str(group)]` and are saved once each, 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._core.base_layers import correct_fan_in_fan_out
 from .._core.matching import is_targeted
 from .._core.bias import BiasOptions
 from .._core.tuner import BaseTuner
@@ -112,21 +112,7 @@ class TinyLoraModel(BiasOptions, BaseTuner):
     def new_layer_kwargs(
         self, config: TinyLoraConfig, adapter_name: str, key: str, target: nn.Module
     ) -> dict[str, Any]:
-        # As peft: the base decides the layout, with peft's warnings (embeddings ignore the flag).
-        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if isinstance(base, nn.Linear) and config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                "Setting fan_in_fan_out to False.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = False
-        elif isinstance(base, Conv1D) and not config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = True
+        correct_fan_in_fan_out(config, target)  # as peft: the base decides the layout
         return {"layer_idx": self._target_numbers(config, adapter_name, key)[key]}
 
     def _check_new_adapter_config(self, config: TinyLoraConfig) -> None:

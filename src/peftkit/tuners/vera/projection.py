@@ -31,7 +31,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import ConfigError, TargetModulesError
-from .._core.base_layers import base_of, is_linear_like, is_transposed, linear_features
+from .._core.base_layers import correct_fan_in_fan_out, is_linear_like, is_transposed, linear_features
 from .._core.matching import is_targeted
 from ..vblora.shared import BufferDict, SharedTensorsLayer, SharedTensorsTuner
 
@@ -262,20 +262,7 @@ class ProjectionTuner(SharedTensorsTuner):
 
     def new_layer_kwargs(self, config: Any, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
         """As peft: the base decides the layout, with peft's warnings."""
-        base = base_of(target)
-        if isinstance(base, Conv1D) and not config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = True
-        elif is_linear_like(base) and not isinstance(base, Conv1D) and config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                "Setting fan_in_fan_out to False.",
-                stacklevel=5,
-            )
-            config.fan_in_fan_out = False
+        correct_fan_in_fan_out(config, target, is_linear=is_linear_like)
         return {}
 
     def _check_new_adapter_config(self, config: Any) -> None:
