@@ -230,11 +230,11 @@ class BaseTuner(nn.Module):
         from transformers.pytorch_utils import Conv1D
 
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        wrappers = {name for name, module in self.model.named_modules() if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper))}
-        names = set()
+        names, inside = set(), None  # named_modules() is pre-order: a wrapper's insides follow it
         for name, module in self.model.named_modules():
-            if any(name.startswith(prefix + ".") for prefix in wrappers):
+            if inside is not None and name.startswith(inside):
                 continue
+            inside = name + "." if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper)) else None
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if not isinstance(base, (nn.Linear, Conv1D)) or base is output:
                 continue
