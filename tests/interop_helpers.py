@@ -84,6 +84,24 @@ def train_a_few_steps(model: nn.Module, inputs: dict, steps: int, lr: float = 0.
     return model.eval()
 
 
+def nudge_adapter(model: nn.Module, scale: float = 0.05) -> nn.Module:
+    """Add fixed noise to every `lora_*` tensor: a "trained" adapter that differs from its init."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * scale)
+    return model
+
+
+def base_copy(model: nn.Module, make_base: Callable[[], nn.Module]) -> nn.Module:
+    """A fresh `make_base()` holding `model`'s base weights (as inits such as LoftQ, LoRA-GA or CorDA left them)."""
+    plain = make_base()
+    state = {key.replace(".base_layer", ""): value for key, value in model.get_base_model().state_dict().items()
+             if "lora_" not in key}
+    plain.load_state_dict(state)
+    return plain
+
+
 def seeded_peft_model(lib, config_name: str, kwargs: dict, model_name: str, steps: int = 0,
                       make_base: Callable[[str], nn.Module] = make_model,
                       make_batch: Callable[[str], dict] = make_inputs, seed: int = 1234) -> nn.Module:

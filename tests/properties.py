@@ -141,17 +141,22 @@ def _copy_adapter(source: PeftModel, target: PeftModel, source_name: str, target
     assert not result.missing_keys and not result.unexpected_keys, result
 
 
-def check_training_lowers_loss(make_model: Callable, inputs: dict, config, steps: int = 20, lr: float = 1e-2) -> None:
-    model = get_peft_model(make_model(), config)
+def training_losses(model: nn.Module, batches: list, steps: int, lr: float = 1e-2) -> list[float]:
+    """The loss of each of `steps` AdamW steps on the trainable parameters, cycling through `batches`."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
-    for _ in range(steps):
-        loss = model(**inputs).loss
+    for step in range(steps):
+        loss = model(**batches[step % len(batches)]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+def check_training_lowers_loss(make_model: Callable, inputs: dict, config, steps: int = 20, lr: float = 1e-2) -> None:
+    losses = training_losses(get_peft_model(make_model(), config), [inputs], steps, lr)
     assert losses[-1] < 0.95 * losses[0], f"loss did not fall enough: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 

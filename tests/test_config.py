@@ -178,3 +178,23 @@ def test_runtime_config_is_never_saved_and_ignored_when_read(tmp_path):
     with pytest.warns(UserWarning, match="contains a `runtime_config` key. This is ignored"):
         loaded = LoraConfig.from_dict(data)
     assert loaded.runtime_config == LoraRuntimeConfig()  # the file's value is not taken
+
+
+def test_unmatched_rank_and_alpha_pattern_keys_warn_as_in_peft():
+    """A typo in rank_pattern silently keeps the default rank; peft warns (RuntimeWarning), so do we."""
+    import warnings
+
+    from peftkit import LoraConfig, get_peft_model
+    from tests.tiny_models import llama
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2, "q_prj": 3},
+                        alpha_pattern={r"layers\.1\.self_attn\.v_proj": 8, "k_proj": 2})
+    with pytest.warns(RuntimeWarning) as caught:
+        model = get_peft_model(llama(), config)
+    texts = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert "The following rank_pattern keys did not match any targeted module and were ignored: ['q_prj']." in texts
+    assert "The following alpha_pattern keys did not match any targeted module and were ignored: ['k_proj']." in texts
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.r["default"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2}))

@@ -114,10 +114,10 @@ def test_unsupported_layer_names_supported_types():
 
 
 def test_fan_in_fan_out_follows_the_layer_with_a_warning():
-    with pytest.warns(UserWarning, match="fan_in_fan_out=False is wrong for Conv1D"):
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True"):
         model = get_peft_model(gpt2(), IA3Config())
     assert model.peft_config["default"].fan_in_fan_out is True
-    with pytest.warns(UserWarning, match="fan_in_fan_out=True is wrong for Linear"):
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False"):
         model = get_peft_model(llama(), IA3Config(fan_in_fan_out=True))
     assert model.peft_config["default"].fan_in_fan_out is False
 

@@ -157,3 +157,125 @@ def test_dora_training_forward_with_dropout_matches_peft():
     assert results["peftkit"][1].keys() == results["peft"][1].keys()
     for name, grad in results["peft"][1].items():
         torch.testing.assert_close(results["peftkit"][1][name], grad, atol=1e-5, rtol=1e-4)
+
+
+# ====================================================================== VeLoRA, BD-LoRA, MonteCLoRA, KaSA
+def variant_kwargs(lib_name: str, variant: str) -> dict:
+    lib = LIBS[lib_name]
+    bd_config = lib.tuners.lora.config.BdLoraConfig
+    return {
+        "velora": {"velora_config": lib.VeloraConfig(num_groups=4, init_type="batch_average")},
+        "bdlora": {"use_bdlora": bd_config(target_modules_bd_a=["down_proj"], target_modules_bd_b=["q_proj", "v_proj"],
+                                           nblocks=2)},
+        "monteclora": {"monteclora_config": lib.MontecloraConfig(num_samples=3)},
+        "kasa": {"kasa_config": lib.KasaConfig(beta=0.01, gamma=0.02)},
+    }[variant]
+
+
+VARIANTS = ["velora", "bdlora", "monteclora", "kasa"]
+
+
+def wrap_variant(lib_name: str, variant: str, inputs: dict):
+    case, targets = CASES["llama"]
+    model = wrap(lib_name, case, target_modules=targets, init_lora_weights=False, **variant_kwargs(lib_name, variant))
+    if variant == "velora":  # one training forward sets VeLoRA's projection vectors (saved buffers)
+        model.train()
+        model(**inputs).loss.backward()
+        model.eval()
+    train_stand_in(model)
+    return model
+
+
+@pytest.mark.parametrize("source, target", DIRECTIONS, ids=DIRECTION_IDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_adapter_moves_between_libraries(variant, source, target, tmp_path):
+    case, _ = CASES["llama"]
+    inputs = case.make_inputs()
+    model = wrap_variant(source, variant, inputs)
+    expected = logits(model, inputs)
+    assert not torch.allclose(expected, logits(case.make_model(), inputs), atol=ATOL)
+    model.save_pretrained(str(tmp_path))
+    loaded = load(target, case, str(tmp_path))
+    torch.testing.assert_close(logits(loaded, inputs), expected, atol=ATOL, rtol=0)
+    loaded.merge_adapter()  # the other library merges it the same way
+    torch.testing.assert_close(logits(loaded, inputs), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_checkpoints_have_peft_keys_shapes_and_config(variant, tmp_path):
+    from tests.interop_helpers import read_config, read_weights
+
+    inputs = CASES["llama"][0].make_inputs()
+    for lib_name in LIBS:
+        wrap_variant(lib_name, variant, inputs).save_pretrained(str(tmp_path / lib_name))
+    weights = {lib_name: read_weights(str(tmp_path / lib_name)) for lib_name in LIBS}
+    assert {k: v.shape for k, v in weights["peftkit"].items()} == {k: v.shape for k, v in weights["peft"].items()}
+    assert read_config(str(tmp_path / "peftkit"), comparable=True) == read_config(str(tmp_path / "peft"), comparable=True)
+
+
+def test_velora_training_step_matches_peft():
+    """Same adapter, same batch: the same projection vectors and the same (approximate) gradients."""
+    case, _ = CASES["llama"]
+    inputs = case.make_inputs()
+    results = {}
+    for lib_name in LIBS:
+        model = wrap(lib_name, case, target_modules=CASES["llama"][1], init_lora_weights=False,
+                     **variant_kwargs(lib_name, "velora"))
+        model.train()
+        loss = model(**inputs).loss
+        loss.backward()
+        results[lib_name] = (
+            loss.detach(),
+            {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in model.named_buffers() if "lora_velora_embed" in n},
+        )
+    (loss_a, grads_a, embeds_a), (loss_b, grads_b, embeds_b) = results["peft"], results["peftkit"]
+    torch.testing.assert_close(loss_b, loss_a, atol=ATOL, rtol=0)
+    assert embeds_a.keys() == embeds_b.keys() and embeds_a
+    for name in embeds_a:
+        torch.testing.assert_close(embeds_b[name], embeds_a[name], atol=1e-6, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and any("lora_A" in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
+
+
+def test_kasa_truncation_and_loss_match_peft(tmp_path):
+    case, targets = CASES["llama"]
+    inputs = case.make_inputs()
+    models = {lib_name: wrap_variant(lib_name, "kasa", inputs) for lib_name in LIBS}
+    bases = {
+        lib_name: {n: p for n, p in model.named_parameters() if "base_layer.weight" in n}
+        for lib_name, model in models.items()
+    }
+    assert bases["peft"].keys() == bases["peftkit"].keys() and bases["peft"]
+    for name, weight in bases["peft"].items():
+        torch.testing.assert_close(bases["peftkit"][name], weight, atol=1e-5, rtol=0)
+    models["peft"].save_pretrained(str(tmp_path))
+    loaded = load("peftkit", case, str(tmp_path))
+    expected = models["peft"].base_model._get_kasa_loss()
+    torch.testing.assert_close(loaded.base_model._get_kasa_loss(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_monteclora_variational_loss_matches_peft(tmp_path):
+    case, _ = CASES["llama"]
+    inputs = case.make_inputs()
+    model = wrap_variant("peft", "monteclora", inputs)
+    model.save_pretrained(str(tmp_path))
+    loaded = load("peftkit", case, str(tmp_path))
+    model.train()
+    loaded.train()
+    expected = model.base_model._get_monteclora_loss()
+    assert float(expected) != 0.0
+    torch.testing.assert_close(loaded.base_model._get_monteclora_loss(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_peft_variant_adapter_loads_with_low_cpu_mem_usage(variant, tmp_path):
+    case, _ = CASES["llama"]
+    inputs = case.make_inputs()
+    model = wrap_variant("peft", variant, inputs)
+    expected = logits(model, inputs)
+    model.save_pretrained(str(tmp_path))
+    loaded = peftkit.PeftModel.from_pretrained(case.make_model(), str(tmp_path), low_cpu_mem_usage=True).eval()
+    assert not any(p.is_meta for p in loaded.parameters())
+    torch.testing.assert_close(logits(loaded, inputs), expected, atol=ATOL, rtol=0)

@@ -263,3 +263,365 @@ def test_loraplus_groups_and_learning_rates():
     assert any(".modules_to_save." in n for n in groups[2])  # RMSNorm weight: 1-d, not a LayerNorm
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert sorted(trainable) == sorted(n for group in groups for n in group)
+
+
+# ====================================================================== VeLoRA, BD-LoRA, MonteCLoRA, KaSA
+# (tuners/lora/velora.py, bdlora.py, monteclora.py, kasa.py; their interop in test_interop_lora_variants.py)
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+import peftkit  # noqa: E402
+from peftkit import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig  # noqa: E402
+from peftkit.tuners.lora.bdlora import BlockDiagonalLinear  # noqa: E402
+from peftkit.tuners.lora.monteclora import MontecloraSampler  # noqa: E402
+from peftkit.tuners.lora.velora import sub_tokens, unit_vector  # noqa: E402
+
+SUB_CONFIGS = {
+    "velora_config": VeloraConfig(num_groups=4),
+    "use_bdlora": BdLoraConfig(target_modules_bd_a=["down_proj"], target_modules_bd_b=["q_proj", "v_proj"], nblocks=2),
+    "monteclora_config": MontecloraConfig(num_samples=2),
+    "kasa_config": KasaConfig(),
+}
+
+
+def variant_lora(field_name: str, **overrides) -> LoraConfig:
+    return lora(LLAMA, **{field_name: SUB_CONFIGS[field_name], **overrides})
+
+
+def lora_layers(model) -> list:
+    return [layer for _, layer in model.base_model.tuner_layers()]
+
+
+@pytest.mark.parametrize("name", ["VeloraConfig", "BdLoraConfig", "MontecloraConfig", "KasaConfig"])
+def test_variant_sub_config_defaults_equal_peft(name):
+    peft_lora = pytest.importorskip("peft.tuners.lora.config")
+    ours, theirs = getattr(peftkit, name), getattr(peft_lora, name)
+    assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in dataclasses.fields(theirs)]
+    assert dataclasses.asdict(ours()) == dataclasses.asdict(theirs())
+    assert getattr(peftkit.tuners.lora.config, name) is ours  # where peft has it too
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: VeloraConfig(num_groups=0), "num_groups"),
+        (lambda: VeloraConfig(scale=0), "scale"),
+        (lambda: VeloraConfig(init_type="mean"), "init_type"),
+        (lambda: BdLoraConfig(target_modules_bd_a=["q"], target_modules_bd_b=["q"]), "overlapping"),
+        (lambda: MontecloraConfig(num_samples=0), "num_samples"),
+        (lambda: MontecloraConfig(dirichlet_prior=0), "dirichlet_prior"),
+        (lambda: MontecloraConfig(buffer_size=0), "buffer_size"),
+        (lambda: KasaConfig(beta=-1), "beta"),
+        (lambda: KasaConfig(gamma=-1), "gamma"),
+    ],
+)
+def test_variant_sub_config_validation(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("field_name", list(SUB_CONFIGS))
+def test_variant_sub_configs_from_dicts_and_back(field_name, tmp_path):
+    sub = SUB_CONFIGS[field_name]
+    config = LoraConfig(**{field_name: {**dataclasses.asdict(sub), "a_future_field": 1}})
+    assert getattr(config, field_name) == sub
+    assert config.to_dict()[field_name] == dataclasses.asdict(sub)
+    with pytest.raises(TypeError, match=type(sub).__name__):
+        LoraConfig(**{field_name: True})
+
+
+def test_variant_combinations_are_refused_before_injection():
+    model = LLAMA.make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for extra in ({"use_dora": True}, {"init_lora_weights": "mica"}, {"monteclora_config": MontecloraConfig()}):
+        with pytest.raises(ConfigError, match="Invalid or unsupported variant combination"):
+            get_peft_model(model, variant_lora("kasa_config", **extra))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("field_name", list(SUB_CONFIGS))
+def test_variants_refuse_non_linear_layers(field_name):
+    config = lora(CUSTOM, **{field_name: SUB_CONFIGS[field_name]}, target_modules=["embed"])
+    if field_name == "use_bdlora":
+        config.use_bdlora = BdLoraConfig(target_modules_bd_a=["embed"])
+    with pytest.raises(ConfigError, match="Linear layers only"):
+        get_peft_model(CUSTOM.make_model(), config)
+    if field_name == "velora_config":
+        with pytest.raises(ConfigError, match="VeLoRA does not support adapting conv layers"):
+            get_peft_model(CUSTOM.make_model(), lora(CUSTOM, velora_config=VeloraConfig(), target_modules=["conv"]))
+
+
+@pytest.mark.parametrize("field_name", list(SUB_CONFIGS))
+def test_variants_refuse_quantized_bases(field_name):
+    from peftkit.quantization import QuantizationConfig, quantize_model
+
+    model = quantize_model(LLAMA.make_model(), QuantizationConfig(load_in_8bit=True))
+    with pytest.raises(ConfigError, match="does not support"):
+        get_peft_model(model, variant_lora(field_name))
+
+
+@pytest.mark.parametrize("field_name", list(SUB_CONFIGS))
+def test_variant_property_suite(field_name, tmp_path):
+    inputs = LLAMA.make_inputs()
+    make = LLAMA.make_model
+    if field_name != "kasa_config":  # KaSA truncates the base: disabled is not the original base (own test)
+        prop.check_disable_gives_base(make, inputs, variant_lora(field_name))
+        prop.check_merge_equals_unmerged(make, inputs, variant_lora(field_name))
+        prop.check_merge_unmerge_restores_weights(make, variant_lora(field_name))
+    prop.check_save_load_roundtrip(make, inputs, variant_lora(field_name), tmp_path)
+    prop.check_only_adapter_params_train(make, inputs, variant_lora(field_name))
+    prop.check_training_lowers_loss(make, inputs, variant_lora(field_name, init_lora_weights=True), lr=3e-2)
+    if field_name != "kasa_config":  # a second KaSA adapter truncates the base again (SVD round-off ~1e-5)
+        prop.check_adapters_switch(make, inputs, variant_lora(field_name), variant_lora(field_name, r=2))
+
+
+# ---------------------------------------------------------------------- VeLoRA
+def test_velora_forward_is_lora_and_grad_of_a_uses_the_compressed_input():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    model = get_peft_model(nn.Sequential(base), LoraConfig(target_modules=["0"], r=3, lora_alpha=6, init_lora_weights=False,
+                                                            velora_config=VeloraConfig(num_groups=3, scale=0.5)))
+    layer = model.base_model.model[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 5, 10)
+    model.train()
+    out = model(x)
+    # v is the normalised mean sub-token of this batch (batch_average): d = ceil(10 / 3) = 4, zero-padded to 12
+    padded = torch.nn.functional.pad(x, (0, 2)).reshape(-1, 3, 4)
+    v = padded.reshape(-1, 4).mean(0)
+    v = v / v.norm()
+    prop.assert_close(layer.lora_velora_embed["default"], v)
+    expected = base(x) + 2.0 * (x @ a.T) @ b.T
+    prop.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    # grad_A = s * (B^T g)^T x~,  x~ = scale * <x_g, v> v  (then cut back to 10 features)
+    rebuilt = (0.5 * (padded @ v).unsqueeze(-1) * v).reshape(-1, 12)[:, :10]
+    g_hidden = (grad_out.reshape(-1, 6) @ b) * 2.0
+    prop.assert_close(a.grad, g_hidden.T @ rebuilt)
+    assert not torch.allclose(a.grad, g_hidden.T @ x.reshape(-1, 10), atol=1e-4)  # it is an approximation
+    prop.assert_close(b.grad, 2.0 * grad_out.reshape(-1, 6).T @ (x.reshape(-1, 10) @ a.T))
+
+
+@pytest.mark.parametrize("init_type, changes", [("batch_average", True), ("batch_average_once", False), ("random", False)])
+def test_velora_projection_vector_updates(init_type, changes):
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 4)),
+                           LoraConfig(target_modules=["0"], velora_config=VeloraConfig(num_groups=2, init_type=init_type)))
+    embed = model.base_model.model[0].lora_velora_embed
+    initial = embed["default"].clone()
+    assert initial.shape == (4,)
+    assert (initial.norm() - 1).abs() < 1e-5 if init_type == "random" else bool((initial == 0).all())
+    model.train()
+    model(torch.randn(3, 8)).sum().backward()
+    first = embed["default"].clone()
+    assert (first.norm() - 1).abs() < 1e-5
+    model(torch.randn(3, 8) + 5).sum().backward()
+    assert (not torch.equal(embed["default"], first)) is changes
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(3, 8) - 5)
+    assert (not torch.equal(embed["default"], first)) is changes  # eval never updates v
+
+
+def test_velora_zero_mean_falls_back_to_ones():
+    prop.assert_close(unit_vector(torch.zeros(4)), torch.full((4,), 0.5))
+    assert sub_tokens(torch.ones(2, 5), 2).shape == (2, 2, 3)
+
+
+# ---------------------------------------------------------------------- BD-LoRA
+def test_bdlora_factors_shapes_and_formula(tmp_path):
+    model = get_peft_model(LLAMA.make_model(), variant_lora("use_bdlora"))
+    attn = model.base_model.model.model.layers[0].self_attn
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    q_a, q_b = attn.q_proj.lora_A["default"], attn.q_proj.lora_B["default"]
+    assert type(q_a) is nn.Linear and isinstance(q_b, BlockDiagonalLinear) and q_b.weight.shape == (32, 2)
+    assert isinstance(down.lora_A["default"], BlockDiagonalLinear) and down.lora_A["default"].weight.shape == (4, 24)
+    # the block-diagonal B of q_proj: y = s diag(B_1, B_2) A x with B_i = rows of `weight` per block
+    x = torch.randn(3, 32)
+    blocks = torch.block_diag(q_b.weight[:16], q_b.weight[16:])
+    expected = attn.q_proj.base_layer(x) + attn.q_proj.scaling["default"] * x @ q_a.weight.T @ blocks.T
+    with torch.no_grad():
+        prop.assert_close(attn.q_proj(x), expected)
+        prop.assert_close(attn.q_proj.get_delta_weight("default"), attn.q_proj.scaling["default"] * blocks @ q_a.weight)
+    model.save_pretrained(str(tmp_path))
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (32, 2)
+    assert weights["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 24)
+
+
+def test_bdlora_block_diagonal_b_starts_at_zero_even_with_random_init():
+    model = get_peft_model(LLAMA.make_model(), variant_lora("use_bdlora"))
+    assert all(
+        not layer.lora_B["default"].weight.any() for layer in lora_layers(model)
+        if isinstance(layer.lora_B["default"], BlockDiagonalLinear)
+    )
+
+
+def test_bdlora_errors():
+    with pytest.raises(ConfigError, match="matches neither A nor B"):
+        get_peft_model(LLAMA.make_model(), lora(LLAMA, use_bdlora=BdLoraConfig(target_modules_bd_a=["down_proj"])))
+    with pytest.raises(ConfigError, match="matches both A and B"):
+        get_peft_model(LLAMA.make_model(),
+                       lora(LLAMA, use_bdlora=BdLoraConfig(target_modules_bd_a=["proj"], target_modules_bd_b=["q_proj"])))
+    with pytest.raises(ConfigError, match="not divisible by 3"):
+        get_peft_model(LLAMA.make_model(),
+                       lora(LLAMA, use_bdlora=BdLoraConfig(target_modules_bd_a=["proj"], nblocks=3)))
+    # match_strict=False: unmatched modules keep plain LoRA factors
+    model = get_peft_model(LLAMA.make_model(),
+                           lora(LLAMA, use_bdlora=BdLoraConfig(target_modules_bd_a=["down_proj"], match_strict=False)))
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]) is nn.Linear
+
+
+def test_bdlora_mixed_batch_matches_single_adapters():
+    model = get_peft_model(LLAMA.make_model(), variant_lora("use_bdlora"), adapter_name="bd")
+    model.add_adapter("plain", lora(LLAMA))
+    inputs = LLAMA.make_inputs()
+    rows = inputs["input_ids"].shape[0]
+    names = (["bd", "plain"] * rows)[:rows]
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=names).logits
+        singles = {}
+        for name in ("bd", "plain"):
+            model.set_adapter(name)
+            singles[name] = model(**inputs).logits
+    for row, name in enumerate(names):
+        prop.assert_close(mixed[row], singles[name][row])
+
+
+# ---------------------------------------------------------------------- MonteCLoRA
+def test_monteclora_eval_is_lora_and_training_perturbs_a():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    model = get_peft_model(nn.Sequential(base), LoraConfig(target_modules=["0"], r=2, lora_alpha=4, init_lora_weights=False,
+                                                            monteclora_config=MontecloraConfig(num_samples=3, sample_scaler=0.5)))
+    layer = model.base_model.model[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    sampler = layer.lora_monteclora_sampler["default"]
+    assert isinstance(sampler, MontecloraSampler) and sampler.std_prior.shape == (2,) and sampler.expert_weights_prior.shape == (3,)
+    x = torch.randn(4, 6)
+    model.eval()
+    with torch.no_grad():
+        prop.assert_close(model(x), base(x) + 2.0 * x @ a.T @ b.T)
+    assert model._get_monteclora_loss() == 0.0
+    model.train()
+    torch.manual_seed(1)
+    out = model(x)
+    prop.assert_differs(out, base(x) + 2.0 * x @ a.T @ b.T)
+    weights = sampler.expert_weights
+    assert weights.shape == (3,) and abs(float(weights.sum()) - 1) < 1e-5
+    loss = model._get_monteclora_loss()
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    (out.sum() + loss).backward()
+    assert sampler.std_prior.grad is not None and sampler.expert_weights_prior.grad is not None
+
+
+def test_monteclora_loss_terms_by_hand():
+    torch.manual_seed(0)
+    config = MontecloraConfig(num_samples=3, use_entropy=True, dirichlet_prior=0.5, kl_loss_weight=0.1)
+    sampler = MontecloraSampler(4, 2, config).train()
+    kl, entropy = sampler.get_variational_loss()  # before any draw: V = I, w uniform
+    alpha = sampler.expert_weights_prior.exp()
+    prior = torch.full((3,), 0.5)
+    kl_dir = (torch.lgamma(alpha.sum()) - torch.lgamma(prior.sum()) + (torch.lgamma(alpha) - torch.lgamma(prior)).sum()
+              + ((alpha - prior) * (torch.digamma(alpha) - torch.digamma(alpha.sum()))).sum())
+    var = (2 * sampler.std_prior).exp()
+    kl_wishart = 0.5 * (-var.log().sum() * 2 + var.sum() * 2 - 4)
+    kl_gauss = 3 * 0.5 * (2 - 0 - 2)
+    prop.assert_close(kl, 0.1 * (kl_dir + kl_wishart + kl_gauss))
+    prop.assert_close(torch.as_tensor(entropy), torch.tensor(3 * (1 / 3) ** 2))
+    assert sampler.eval().get_variational_loss() == (0.0, 0.0)
+
+
+# ---------------------------------------------------------------------- KaSA
+def test_kasa_truncates_the_base_and_adds_the_diagonal_update():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    original = base.weight.detach().clone()
+    model = get_peft_model(nn.Sequential(base), LoraConfig(target_modules=["0"], r=2, lora_alpha=4, init_lora_weights=False,
+                                                            kasa_config=KasaConfig()))
+    layer = model.base_model.model[0]
+    values = torch.linalg.svdvals(original)
+    kept = torch.linalg.svdvals(layer.get_base_layer().weight)
+    prop.assert_close(kept[:4], values[:4], atol=1e-4)  # k - r = 6 - 2 components kept
+    assert bool((kept[4:] < 1e-4).all())
+    a, b, d = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_diag["default"]
+    assert d.shape == (2,) and d.requires_grad
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        truncated = layer.get_base_layer()(x)
+        prop.assert_close(model(x), truncated + 2.0 * ((x @ a.T) * d) @ b.T)
+        prop.assert_close(layer.get_delta_weight("default"), 2.0 * (b * d) @ a)
+        unmerged = model(x)
+        model.merge_adapter()
+        prop.assert_close(model(x), unmerged)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            prop.assert_close(model(x), truncated)  # disabling keeps the truncated base (peft's behaviour)
+    loss = model._get_kasa_loss()
+    eye = torch.eye(2)
+    expected = 1e-4 * (d**2).sum() + 1e-3 * (torch.linalg.norm(b.T @ b - eye) + torch.linalg.norm(a @ a.T - eye))
+    prop.assert_close(loss, expected)
+
+
+def test_kasa_fresh_adapter_is_a_noop_on_the_truncated_base():
+    model = get_peft_model(LLAMA.make_model(), variant_lora("kasa_config", init_lora_weights=True))
+    inputs = LLAMA.make_inputs()
+    adapted = prop.output_of(model, inputs)
+    with model.disable_adapter():
+        prop.assert_close(prop.output_of(model, inputs), adapted)
+    prop.assert_differs(adapted, prop.output_of(LLAMA.make_model(), inputs))
+
+
+def test_kasa_errors():
+    with pytest.raises(ConfigError, match="smaller than min"):
+        get_peft_model(nn.Sequential(nn.Linear(8, 4)), LoraConfig(target_modules=["0"], r=4, kasa_config=KasaConfig()))
+    with pytest.raises(ConfigError, match="fan_in_fan_out"):
+        get_peft_model(GPT2.make_model(), lora(GPT2, kasa_config=KasaConfig()))
+    model = get_peft_model(LLAMA.make_model(), variant_lora("kasa_config"))
+    with pytest.raises(ConfigError, match="KaSA cannot be combined"):
+        model.add_adapter("plain", lora(LLAMA))
+    model = get_peft_model(LLAMA.make_model(), lora(LLAMA))
+    with pytest.raises(ConfigError, match="KaSA cannot be combined"):
+        model.add_adapter("kasa", variant_lora("kasa_config"))
+    assert math.isclose(get_peft_model(LLAMA.make_model(), lora(LLAMA))._get_kasa_loss(), 0.0)
+
+
+@pytest.mark.parametrize("field_name", list(SUB_CONFIGS))
+def test_variant_adapters_are_not_combined_by_add_weighted_adapter(field_name):
+    model = get_peft_model(LLAMA.make_model(), variant_lora(field_name))
+    model.add_adapter("second", variant_lora(field_name))
+    with pytest.raises(ConfigError, match="Cannot combine adapters"):
+        model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "mix", combination_type="linear")
+
+
+@pytest.mark.parametrize("field_name", list(SUB_CONFIGS))
+def test_variants_refuse_multihead_attention_before_changing_it(field_name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoraConfig(target_modules=["0"], **{field_name: SUB_CONFIGS[field_name]})
+    if field_name == "use_bdlora":
+        config.use_bdlora = BdLoraConfig(target_modules_bd_a=["0"])
+    with pytest.raises(ConfigError, match="MultiheadAttention does not support"):
+        get_peft_model(model, config)
+    assert type(model[0].out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_failed_kasa_injection_restores_the_truncated_base_weights():
+    model = LLAMA.make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # q_proj (32 x 32) takes r = 20 and is truncated first; v_proj (16 x 32) cannot: the add fails
+    with pytest.raises(ConfigError, match="smaller than min"):
+        get_peft_model(model, LoraConfig(r=20, target_modules=["q_proj", "v_proj"], kasa_config=KasaConfig()))
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("field_name", ["velora_config", "use_bdlora", "monteclora_config"])
+def test_variants_on_gpt2_conv1d_merge_like_unmerged(field_name):
+    sub = SUB_CONFIGS[field_name]
+    if field_name == "use_bdlora":
+        sub = BdLoraConfig(target_modules_bd_a=["c_proj"], target_modules_bd_b=["c_attn"], nblocks=2)
+    prop.check_merge_equals_unmerged(GPT2.make_model, GPT2.make_inputs(), lora(GPT2, **{field_name: sub}))

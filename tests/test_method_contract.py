@@ -182,10 +182,10 @@ def test_a_failed_safe_merge_leaves_the_layer_as_it_was():
 
 def test_layout_follows_the_base_and_the_config_records_it():
     """As peft: fan_in_fan_out comes from the layer (True only for Conv1D), with a warning when the config disagrees."""
-    with pytest.warns(UserWarning, match="fan_in_fan_out=True is wrong for Linear"):
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False"):
         model = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], fan_in_fan_out=True))
     assert model.peft_config["default"].fan_in_fan_out is False
     assert model.base_model.model.model.layers[0].self_attn.q_proj.fan_in_fan_out is False
-    with pytest.warns(UserWarning, match="fan_in_fan_out=False is wrong for Conv1D"):
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True"):
         model = get_peft_model(gpt2(), LoraConfig(target_modules=["c_attn"]))
     assert model.peft_config["default"].fan_in_fan_out is True

@@ -1,4 +1,4 @@
-"""`PeftMixedModel` (`mixed=True`): LoRA, LoHa and LoKr adapters on one model, as peft combines them."""
+"""`PeftMixedModel` (`mixed=True`): LoRA, LoHa, LoKr, AdaLoRA, OFT and SHiRA adapters on one model, as peft combines them."""
 
 from __future__ import annotations
 
@@ -132,3 +132,37 @@ def test_delete_and_refusals():
     with pytest.raises(NotImplementedError, match="Saving is not supported for PeftMixedModel"):
         model.save_pretrained("unused")
     assert set(model.peft_config) == {"lora", "lokr"}
+
+
+def _four_methods(library):
+    """SHiRA first on lin0 (it refuses nested bases), then LoRA, OFT and AdaLoRA wrapping what is there."""
+    torch.manual_seed(1)
+    model = library.get_peft_model(_base(), library.ShiraConfig(r=2, target_modules=["lin0"], init_weights=False),
+                                   "shira", mixed=True)
+    model.add_adapter("lora", library.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+    model.add_adapter("oft", library.OFTConfig(target_modules=["lin0"], oft_block_size=4, init_weights=False))
+    model.add_adapter("adalora", library.AdaLoraConfig(init_r=4, target_r=2, target_modules=["lin1", "lin0"],
+                                                       init_lora_weights=False, total_step=10))
+    model.set_adapter(["shira", "lora", "oft", "adalora"])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_adalora_oft_and_shira_mix_as_in_peft():
+    import peft
+
+    theirs, ours = _four_methods(peft), _four_methods(peftkit)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    adapted = _out(ours)
+    assert torch.allclose(adapted, _out(theirs), atol=1e-5)
+    assert not torch.allclose(adapted, _out(_base()), atol=1e-3)
+    with ours.disable_adapter():
+        assert torch.allclose(_out(ours), _out(_base()), atol=1e-6)
+    merged = ours.merge_and_unload()
+    assert type(merged.lin0) is nn.Linear
+    assert torch.allclose(_out(merged), adapted, atol=1e-4)
+    late = peftkit.get_peft_model(_base(), _config(peftkit, "lora"), "lora", mixed=True)
+    with pytest.raises(ValueError, match="SHiRA does not support nested base layers"):
+        late.add_adapter("shira", peftkit.ShiraConfig(r=2, target_modules=["lin0"], init_weights=False))
+    assert set(late.peft_config) == {"lora"}

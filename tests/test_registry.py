@@ -58,6 +58,9 @@ CONFIGS = {
     "PROMPT_TUNING": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
     "PREFIX_TUNING": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
     "P_TUNING": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=16),
+    "MULTITASK_PROMPT_TUNING": lambda: peftkit.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_tasks=2),
+    "CPT": lambda: peftkit.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7], cpt_tokens_type_mask=[1, 2, 4]),
+    "CARTRIDGE": lambda: peftkit.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
     "OFT": lambda: peftkit.OFTConfig(oft_block_size=8, target_modules=ATTENTION, init_weights=False),
     "BOFT": lambda: peftkit.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False,
                                        target_modules=ATTENTION),
@@ -91,6 +94,9 @@ CONFIGS = {
     "SUPERTUNING": lambda: peftkit.SupertuningConfig(target_modules=ATTENTION, init_weights=False, sparsity=0.9),
     "TRAINABLE_TOKENS": lambda: peftkit.TrainableTokensConfig(token_indices=[7, 13, 14, 25, 49], init_weights=False),
     "ADAMSS": lambda: peftkit.AdamssConfig(r=4, num_subspaces=2, subspace_rank=2, target_modules=ATTENTION, init_weights=None),
+    "POLY": lambda: peftkit.PolyConfig(r=2, n_tasks=2, n_skills=2, target_modules=ATTENTION, init_weights=False),
+    "XLORA": lambda: xlora_config(),
+    "ADAPTION_PROMPT": lambda: peftkit.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1),
 }
 BUILTIN = [member.value for member in PeftType]
 
@@ -105,8 +111,37 @@ def llama_with_bias() -> nn.Module:
     return model
 
 
+def llama_without_cache() -> nn.Module:
+    """The tiny Llama with `use_cache=False`, which X-LoRA requires."""
+    model = llama()
+    model.config.use_cache = False
+    return model
+
+
+_EXPERTS: dict[str, str] = {}
+
+
+def xlora_config():
+    """X-LoRA over two saved (random, non-trivial) LoRA experts, written once per test session."""
+    if not _EXPERTS:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="peftkit-xlora-experts-")
+        atexit.register(shutil.rmtree, folder, True)
+        for index in range(2):
+            model = llama()  # (seeds itself)
+            torch.manual_seed(10 + index)  # then a different random expert each
+            expert = get_peft_model(model, LoraConfig(r=2, target_modules=ATTENTION, init_lora_weights=False))
+            expert.save_pretrained(f"{folder}/{index}")
+            _EXPERTS[str(index)] = f"{folder}/{index}"
+    return peftkit.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters=dict(_EXPERTS), xlora_depth=2,
+                               xlora_size=8, xlora_dropout_p=0.0)
+
+
 #: Bases other than the tiny Llama, where a method needs something it lacks.
-BASES = {"BEFT": llama_with_bias}
+BASES = {"BEFT": llama_with_bias, "XLORA": llama_without_cache}
 #: Methods whose fresh adapter is the identity whatever the init (LN tuning copies the norms it tunes).
 IDENTITY_AT_INIT = {"LN_TUNING"}
 
@@ -157,7 +192,7 @@ def test_prefix_is_how_the_checkpoint_keys_start(peft_type):
     keys = list(get_peft_model_state_dict(_peft_model(peft_type)))
     assert keys
     if spec.is_prompt_learning:
-        assert keys == [spec.prefix]
+        assert keys[0] == spec.prefix and all("." not in key for key in keys)  # + encoder tensors (multitask)
     else:
         # tensors shared by every layer live on the tuner: `base_model.<name>` (VeRA's `vera_A`, as peft saves it)
         shared = [key for key in keys if key.startswith("base_model.") and key.count(".") == 1]

@@ -61,6 +61,15 @@ from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel, LoraRuntimeConfig
+from .tuners.lora import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig  # LoRA variants
+from .checkpoint.cartridge import compose_cartridge_adapters
+from .checkpoint.to_lora import convert_to_lora, save_as_lora
+from .routing import create_arrow_model
+from .tuners.lora.arrow import ArrowConfig
+from .tuners.lora.corda import CordaConfig, preprocess_corda
+from .tuners.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
+from .tuners.lora.loftq import LoftQConfig, replace_lora_weights_loftq
+from .tuners.lora.loraga import LoraGAConfig, preprocess_loraga
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -107,6 +116,15 @@ _CATALOG = {
     "supertuning": ("SupertuningConfig", "SupertuningModel"),
     "trainable_tokens": ("TrainableTokensConfig", "TrainableTokensModel"),
     "adamss": ("AdamssConfig", "AdamssModel"),
+    "xlora": ("XLoraConfig", "XLoraModel"),
+    "poly": ("PolyConfig", "PolyModel"),
+    "adaption_prompt": ("AdaptionPromptConfig", "AdaptionPromptModel"),
+    "multitask_prompt_tuning": ("MultitaskPromptTuningConfig", "MultitaskPromptTuningModel", "MultitaskPromptTuningInit",
+                                "MultitaskPromptEmbedding"),
+    "cpt": ("CPTConfig", "CPTEmbedding", "CPTModel"),
+    "cartridge": ("CartridgeConfig", "CartridgeEncoder", "CartridgeModel",
+                  "initialize_kv_prefix_from_past_key_values", "initialize_kv_prefix_from_text",
+                  "prompt_embeddings_from_past_key_values"),
 }
 _LAZY_NAMES = {name: folder for folder, names in _CATALOG.items() for name in names}
 
@@ -209,3 +227,7 @@ __all__ = [
     "shift_tokens_right",
 ]
 __all__ += sorted(_LAZY_NAMES)
+__all__ += ["compose_cartridge_adapters"]  # checkpoint/cartridge.py
+__all__ += ["ArrowConfig", "CordaConfig", "EvaConfig", "LoftQConfig", "LoraGAConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
+            "convert_to_lora", "create_arrow_model", "preprocess_corda", "preprocess_loraga", "replace_lora_weights_loftq", "save_as_lora"]  # LoRA initialisations (tuners/lora/)
+__all__ += ["BdLoraConfig", "KasaConfig", "MontecloraConfig", "VeloraConfig"]  # LoRA variants (tuners/lora/)

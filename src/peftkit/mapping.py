@@ -51,7 +51,14 @@ def get_peft_model(
         updates["revision"] = revision
     peft_config = dataclasses.replace(peft_config, **updates)
     wrapper_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
-    if low_cpu_mem_usage and not peft_config.is_prompt_learning:
+    eva_init = getattr(peft_config, "init_lora_weights", None) == "eva" and str(peft_config.peft_type) == "LORA"
+    if eva_init and not low_cpu_mem_usage:
+        warnings.warn(  # as peft: EVA's statistics pass never needs the adapter's weights
+            "lora with eva initialization used with low_cpu_mem_usage=False. Setting low_cpu_mem_usage=True can "
+            "improve the maximum batch size possible for eva initialization.",
+            stacklevel=2,
+        )
+    if low_cpu_mem_usage and not peft_config.is_prompt_learning and not eva_init:
         warnings.warn(
             "get_peft_model(low_cpu_mem_usage=True): the new adapter's weights are on the meta device until "
             "set_peft_model_state_dict loads them; do not train or run the model before that.",

@@ -1,4 +1,5 @@
-"""`PeftMixedModel`: adapters of different methods (LoRA, LoHa, LoKr) on one model, active together.
+"""`PeftMixedModel`: adapters of different methods (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA) on one
+model, active together.
 
     y = W x + sum over active adapters a of delta_a(x)        (each by its own method)
 
@@ -7,7 +8,9 @@ method's own tuner (`MixedModel` keeps one per method, all over the same model);
 by two methods gets nested layers (the later method's layer wraps the earlier one's), and every
 layer adds its own update, so the order of nesting does not change the sum. Switching, disabling,
 merging, unloading and deleting work on all layers at once through the shared tuner walk (which
-follows nested layers).
+follows nested layers). OFT rotates the input of what it wraps, so with OFT the nesting order is
+part of the function (as in peft); SHiRA must be the first method on a layer (it refuses nested
+bases, as peft's does).
 
 As in peft: several adapters may be active at once across methods (`set_adapter([...])`), adapters
 are loaded from the single-method folders that `PeftModel.save_pretrained` writes
@@ -36,8 +39,8 @@ from .tuners._core.tuner import BaseTuner
 from .utils.adapter_names import validate_adapter_name
 from .utils.peft_types import PeftType
 
-#: The methods a mixed model combines (peft also has OFT and SHiRA, which peftkit does not have yet).
-COMPATIBLE_TUNER_TYPES = (PeftType.LORA, PeftType.LOHA, PeftType.LOKR)
+#: The methods a mixed model combines (peft's list).
+COMPATIBLE_TUNER_TYPES = (PeftType.LORA, PeftType.LOHA, PeftType.LOKR, PeftType.ADALORA, PeftType.OFT, PeftType.SHIRA)
 
 
 def _check_config_compatible(config: PeftConfig) -> None:

@@ -28,7 +28,7 @@ from .tuners._core.call_state import call_scope
 from .utils.adapter_names import validate_adapter_name
 from .utils.constants import CLASSIFIER_MODULE_NAMES, QA_MODULE_NAMES
 from .utils.hf_compat import enable_activation_checkpointing
-from .utils.peft_types import TaskType
+from .utils.peft_types import PeftType, TaskType
 
 
 
@@ -53,7 +53,12 @@ class PeftModel(nn.Module):
         self.special_peft_forward_args = {"adapter_names"}
         tuner_cls = method_spec(peft_config.peft_type).tuner_cls
         on_meta = _on_meta(peft_config, low_cpu_mem_usage)
-        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=on_meta)
+        extra: dict[str, Any] = {}
+        if peft_config.peft_type == PeftType.XLORA:  # X-LoRA mixes saved LoRA adapters: read them here
+            from .checkpoint.experts import read_lora_experts
+
+            extra["experts"] = read_lora_experts(peft_config.adapters)
+        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=on_meta, **extra)
         self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         if _is_checkpointing(model):
             self._enable_input_require_grads()
@@ -368,9 +373,15 @@ class PeftModel(nn.Module):
         `subfolder`, `token`, ...) and `torch_device` (see `load_adapter`).
         """
 
+        expert_folders = kwargs.pop("adapters", None)  # X-LoRA's experts (peft's keyword)
+
         def build(loaded: PeftConfig) -> PeftModel:
             if hasattr(loaded, "runtime_config"):  # peft's LoRA run-time option (see LoraRuntimeConfig)
                 loaded.runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
+            if str(loaded.peft_type) == PeftType.XLORA.value:
+                from .tuners.xlora.model import expert_locations
+
+                loaded.adapters = expert_locations(loaded, model_id, expert_folders)
             wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(loaded.task_type, PeftModel)
             return wrapper_cls(
                 model, loaded, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage

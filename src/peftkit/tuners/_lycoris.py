@@ -123,6 +123,8 @@ class LycorisLayer(BaseTunerLayer, nn.Module):
     its cost `_build_cost` and, where cheaper, `_factored_output` with its cost `_factored_cost`.
     """
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     other_param_names = ("r", "alpha", "scaling", "rank_dropout", "rank_dropout_scale", "module_dropout")
     #: LoHa always rescales rank dropout by the kept fraction; LoKr only with `rank_dropout_scale`.
     always_scale_rank_dropout: ClassVar[bool] = False

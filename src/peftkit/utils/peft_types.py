@@ -20,6 +20,9 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+    CPT = "CPT"
+    CARTRIDGE = "CARTRIDGE"
     BOTTLENECK = "BOTTLENECK"
     OFT = "OFT"
     BOFT = "BOFT"
@@ -51,6 +54,9 @@ class PeftType(str, enum.Enum):
     SUPERTUNING = "SUPERTUNING"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     ADAMSS = "ADAMSS"
+    XLORA = "XLORA"
+    POLY = "POLY"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
 
     def __str__(self) -> str:
         return self.value

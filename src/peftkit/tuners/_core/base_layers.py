@@ -81,8 +81,11 @@ def record_layout(config: Any, layer: nn.Module, key: str) -> None:
     found = getattr(layer, "fan_in_fan_out", None)
     if found is None or getattr(config, "fan_in_fan_out", found) == found:
         return
-    warnings.warn(
-        f"fan_in_fan_out={config.fan_in_fan_out} is wrong for {type(base_of(layer)).__name__} {key!r}; using {found}.",
+    kind = type(base_of(layer))
+    shown = "torch.nn.Linear" if kind is nn.Linear else kind.__name__
+    warnings.warn(  # peft's words, so filters written for peft keep working
+        f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is `{shown}`. "
+        f"Setting fan_in_fan_out to {found}.",
         stacklevel=6,
     )
     config.fan_in_fan_out = found

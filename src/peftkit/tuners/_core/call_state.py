@@ -1,8 +1,8 @@
 """Per-call state: what one forward / generate call tells the adapter layers, carried by the call.
 
 A call may say which adapter each batch row uses (`adapter_names=[...]`, mixed-adapter batches) and,
-for aLoRA, from which position on each row is adapted (`alora_offsets`). Layers read this while the
-call runs. It is kept per thread (`threading.local`), set on entering the call and put back on
+for aLoRA, from which position on each row is adapted (`alora_offsets`), and for Poly each row's task
+(`task_ids`). Layers read this while the call runs. It is kept per thread (`threading.local`), set on entering the call and put back on
 leaving it, never as attributes of the (shared) layers:
 
 * one model may serve several threads at once; each thread sees only its own call's names/offsets;
@@ -23,7 +23,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 AdapterNames = Optional[tuple[str, ...]]
 Offsets = Optional[tuple[Optional[int], ...]]
@@ -65,3 +68,29 @@ def call_scope(adapter_names: object = KEEP, offsets: object = KEEP) -> Iterator
     finally:
         for key in changed:
             setattr(_STATE, key, previous[key])
+
+
+# ---------------------------------------------------------------------- task ids (layer methods such as Poly)
+def task_ids() -> Optional[torch.Tensor]:
+    """The task id of each batch row for this thread's running call (`model(..., task_ids=...)`), or None.
+
+    For methods whose layers route by task (Poly's router picks each row's skill mixture with it);
+    prompt learning takes `task_ids` from its own forward's keywords instead. A tensor, kept as given.
+    """
+    return getattr(_STATE, "task_ids", None)
+
+
+@contextmanager
+def task_ids_scope(ids: object) -> Iterator[None]:
+    """For the block (this thread only): `task_ids()` is `ids` (None clears it), then the previous value again.
+
+    A tuner's `per_call_context` (read by `PeftModel` for every forward / generate) pops `task_ids`
+    from the call's keywords and enters this, so every layer -- and every forward of a generate
+    loop -- sees the call's ids without them passing through the base model's signature.
+    """
+    previous = task_ids()
+    _STATE.task_ids = ids
+    try:
+        yield
+    finally:
+        _STATE.task_ids = previous

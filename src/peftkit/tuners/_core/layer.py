@@ -33,6 +33,9 @@ class BaseTunerLayer:
     #: Whether loading may find none of this layer's keys in a checkpoint (layers that only view
     #: tensors held elsewhere, e.g. LoRA's `TiedLinear`).
     optional_in_checkpoints: bool = False
+    #: Whether `get_delta_weight` is a fixed additive update W' = W + delta_W, which `convert_to_lora`
+    #: can approximate by plain LoRA factors (methods whose update depends on W leave it False).
+    lora_convertible: bool = False
 
     base_layer: nn.Module
     _active_adapter: list[str]
@@ -191,6 +194,13 @@ class BaseTunerLayer:
         return result.to(previous_dtype)
 
     # ------------------------------------------------------------------ merging (every method)
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether `convert_to_lora` can turn this layer's adapter into LoRA factors: an additive
+        update (`lora_convertible`) on a linear base, as peft allows."""
+        from .base_layers import is_linear_like
+
+        return self.lora_convertible and is_linear_like(self.get_base_layer())
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta_W of `adapter_name`, shaped and laid out like the base weight (additive methods)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base weight.")

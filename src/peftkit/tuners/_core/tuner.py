@@ -30,7 +30,7 @@ from ...utils.adapter_names import adapter_name_list, validate_adapter_name
 from .base_journal import restoring_base_weights_on_failure
 from .base_layers import record_layout
 from .layer import BaseTunerLayer
-from .matching import describe_unmatched, is_targeted, key_matches
+from .matching import describe_unmatched, is_targeted, key_matches, matching_pattern
 from .merging import merge_layers, warn_if_merging_tied_targets
 from .module_tree import get_submodules, replace_module, tied_module_names
 from .modules_to_save import AuxiliaryWrapper, ModulesToSaveWrapper
@@ -308,6 +308,7 @@ class BaseTuner(nn.Module):
         if targets is not None:
             by_config = [key for key in keys if is_targeted(config, key) and not key_matches(key, modules_to_save)]
             _warn_if_targets_differ(by_config, matched)
+        _warn_unmatched_patterns(config, matched)
         self.targeted_module_names = sorted(set(self.targeted_module_names) | set(matched))
 
     def _wrap_module_to_save(self, key: str, adapter_name: str) -> None:
@@ -644,6 +645,20 @@ def _modules_named_in(state_dict: Mapping[str, Any], prefix: str, model: nn.Modu
             f"its keys must read '<module path>.{prefix}...', as in the state dicts peft and peftkit write."
         )
     return names
+
+
+def _warn_unmatched_patterns(config: Any, targeted: list[str]) -> None:
+    """peft's RuntimeWarning for `rank_pattern` / `alpha_pattern` keys that name no targeted module
+    (a typo there silently leaves the default rank)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field, None) or {}
+        unmatched = sorted(key for key in patterns if not any(matching_pattern({key: None}, name, field) for name in targeted))
+        if unmatched:
+            warnings.warn(
+                f"The following {field} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
 
 def _warn_if_targets_differ(by_config: list[str], by_state_dict: list[str]) -> None:

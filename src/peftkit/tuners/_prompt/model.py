@@ -19,7 +19,6 @@ from torch import nn
 from ...errors import AdapterStateError, CheckpointError, ConfigError
 from ...utils.adapter_names import adapter_name_list
 from ...utils.hf_compat import cache_argument, pop_cache, put_cache, rename_cache
-from ...utils.peft_types import PeftType
 from .._core.matching import key_matches
 from .._core.size_limits import check_prompt_adapter_size
 from .._core.tuner import BaseTuner
@@ -37,16 +36,21 @@ class PromptLearningModel(BaseTuner):
     is_prompt_learning = True
     #: Each method's subclass names its encoder: `encoder_cls(config, word_embeddings)`.
     encoder_cls: ClassVar[Callable[[Any, nn.Module], nn.Module]]
+    #: Encoder-decoder models: the table's second half also goes before the decoder input (`inputs.py`).
+    prompts_the_decoder: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ adapters
     def _prepare_adapter_config(self, config: PromptLearningConfig) -> PromptLearningConfig:
         return fill_from_model_config(config, self.model)
 
     def _check_new_adapter_config(self, config: PromptLearningConfig) -> None:
-        if config.peft_type == PeftType.PREFIX_TUNING and any(
+        if config.uses_kv_heads() and any(
             getattr(module, "gradient_checkpointing", False) for module in self.model.modules()
         ):
-            raise ConfigError("Prefix tuning does not work with gradient checkpointing; turn it off before adding the adapter.")
+            raise ConfigError(
+                f"{config.peft_type.value} (a prefix in the KV cache) does not work with gradient checkpointing; "
+                "turn it off before adding the adapter."
+            )
 
     def _inject(self, adapter_name: str, config: PromptLearningConfig) -> None:
         check_prompt_adapter_size(config, self.model)  # before anything is allocated or wrapped
@@ -74,7 +78,11 @@ class PromptLearningModel(BaseTuner):
             return
         for name in self.active_adapters:
             if name in self.prompt_encoder and not self.peft_config[name].inference_mode:
-                self.prompt_encoder[name].requires_grad_(True)
+                encoder = self.prompt_encoder[name]
+                encoder.requires_grad_(True)
+                # Parts an encoder never trains (CPT's context, a cartridge's attention-sink tokens).
+                for param in getattr(encoder, "frozen_parameters", tuple)():
+                    param.requires_grad_(False)
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         if len(adapter_name_list(adapter_name, self.peft_config)) != 1:
@@ -96,10 +104,13 @@ class PromptLearningModel(BaseTuner):
         return self.model.get_input_embeddings()
 
     # ------------------------------------------------------------------ prompts
-    def prompt_table(self, adapter_name: str, batch_size: int = 1, cast: bool = True) -> torch.Tensor:
+    def prompt_table(
+        self, adapter_name: str, batch_size: int = 1, cast: bool = True, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The encoder's output over all virtual tokens, (batch_size, total, dim).
 
         With `cast`, prefixes take the model's dtype (prompts are cast where they meet the embeddings).
+        `task_ids` (one task per row) is for methods whose prompt depends on the task; ignored here, as in peft.
 
         Computed once for a batch of one and repeated, so an LSTM encoder sees the whole sequence.
         """
@@ -108,7 +119,7 @@ class PromptLearningModel(BaseTuner):
         indices = torch.arange(weight.shape[0], device=weight.device).unsqueeze(0)
         table = encoder(indices)
         dtype = getattr(self.model, "dtype", None)
-        if cast and dtype is not None and table.dtype != dtype and self.peft_config[adapter_name].peft_type == PeftType.PREFIX_TUNING:
+        if cast and dtype is not None and table.dtype != dtype and self.peft_config[adapter_name].uses_kv_heads():
             table = table.to(dtype)
         return table.repeat(batch_size, 1, 1)
 
@@ -120,9 +131,10 @@ class PromptLearningModel(BaseTuner):
     # ------------------------------------------------------------------ forward / generate
     def forward(self, input_ids: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         kwargs["input_ids"] = input_ids
+        task_ids = kwargs.pop("task_ids", None)  # consumed here, never passed to the base model (as peft)
         name = self._active_prompt_adapter()
         if name is not None:
-            kwargs = prepare_forward_inputs(self, name, kwargs)
+            kwargs = prepare_forward_inputs(self, name, kwargs, task_ids=task_ids)
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
         with self._cache_reaches_backbone(kwargs):
             return self.model(**kwargs)
@@ -150,15 +162,17 @@ class PromptLearningModel(BaseTuner):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """`generate` of the base model, with the virtual tokens added on the first step."""
+        task_ids = kwargs.pop("task_ids", None)
         name = self._active_prompt_adapter()
         if name is None:
             return self.model.generate(*args, **kwargs)
         config = self.peft_config[name]
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
-        if config.task_type == "SEQ_2_SEQ_LM" and config.peft_type != PeftType.PREFIX_TUNING:
+        if config.task_type == "SEQ_2_SEQ_LM" and not config.uses_kv_heads():
             # The encoder sees the prompt once; generate() then runs the decoder as usual.
-            encoder_inputs = prepare_forward_inputs(self, name, {k: kwargs.pop(k, None) for k in ("input_ids", "attention_mask", "inputs_embeds")})
+            encoder_inputs = {k: kwargs.pop(k, None) for k in ("input_ids", "attention_mask", "inputs_embeds")}
+            encoder_inputs = prepare_forward_inputs(self, name, encoder_inputs, task_ids=task_ids)
             kwargs.update({k: v for k, v in encoder_inputs.items() if v is not None})
         model = self.model
         original = model.prepare_inputs_for_generation
@@ -166,7 +180,7 @@ class PromptLearningModel(BaseTuner):
 
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> dict[str, Any]:
             # Every step, not only the first: transformers names the cache its own way (hf_compat).
-            return rename_cache(prepare_generation_step(self, name, original(*args, **kwargs)), model)
+            return rename_cache(prepare_generation_step(self, name, original(*args, **kwargs), task_ids), model)
 
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         try:
@@ -180,10 +194,20 @@ class PromptLearningModel(BaseTuner):
     # ------------------------------------------------------------------ checkpoints
     def prompt_learning_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """peft's file content: `prompt_embeddings` (encoder output) and `base_model.<head>.<param>` tensors."""
-        state = {PROMPT_EMBEDDINGS_KEY: self.prompt_table(adapter_name, cast=False)[0].detach().cpu()}
+        state = {PROMPT_EMBEDDINGS_KEY: self.saved_prompt_embeddings(adapter_name).detach().cpu()}
+        state.update({key: tensor.detach().cpu() for key, tensor in self.encoder_tensors(adapter_name).items()})
         for key, tensor in self._head_tensors(adapter_name).items():
             state["base_model." + key] = tensor.detach()
         return state
+
+    def saved_prompt_embeddings(self, adapter_name: str) -> torch.Tensor:
+        """What the checkpoint's `prompt_embeddings` holds: the encoder's output over all virtual tokens."""
+        return self.prompt_table(adapter_name, cast=False)[0]
+
+    def encoder_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Encoder tensors saved besides `prompt_embeddings`, under their own top-level keys (none here;
+        e.g. multitask prompt tuning's `prefix_task_cols`). Loading copies into these very tensors."""
+        return {}
 
     def _head_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
@@ -196,11 +220,13 @@ class PromptLearningModel(BaseTuner):
     ) -> tuple[list[str], list[str]]:
         """Copy a checkpoint into the adapter; returns (missing keys, unexpected keys)."""
         targets = {"base_model." + key: tensor for key, tensor in self._head_tensors(adapter_name).items()}
+        own = self.encoder_tensors(adapter_name)
+        targets.update(own)
         encoder = self.prompt_encoder[adapter_name]
         normalised = {}
         for key, tensor in incoming.items():
             bare = next((key[len(p):] for p in _HEAD_PREFIXES if key.startswith(p)), key)
-            normalised[key if key == PROMPT_EMBEDDINGS_KEY else "base_model." + bare] = tensor
+            normalised[key if key == PROMPT_EMBEDDINGS_KEY or key in own else "base_model." + bare] = tensor
         missing = sorted(k for k in [PROMPT_EMBEDDINGS_KEY, *targets] if k not in normalised)
         unexpected = sorted(k for k in normalised if k != PROMPT_EMBEDDINGS_KEY and k not in targets)
         if PROMPT_EMBEDDINGS_KEY in normalised:
@@ -222,7 +248,10 @@ class PromptLearningModel(BaseTuner):
                         f"Shape mismatch for {key}: the checkpoint has {tuple(value.shape)}, the model expects "
                         f"{tuple(target.shape)}. Check num_virtual_tokens and that the adapter was trained on this base model."
                     )
-                target.copy_(value.to(target.dtype))
+                if key == PROMPT_EMBEDDINGS_KEY and hasattr(encoder, "load_prompt_embeddings"):
+                    encoder.load_prompt_embeddings(value)  # an encoder that keeps the table in parts (cartridges)
+                else:
+                    target.copy_(value.to(target.dtype))
         return missing, unexpected
 
 

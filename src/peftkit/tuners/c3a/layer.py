@@ -53,6 +53,8 @@ def block_circular_correlation(x: torch.Tensor, kernel: torch.Tensor) -> torch.T
 class C3ALayer(BaseTunerLayer, nn.Module):
     """C3A on `nn.Linear` (and transformers' `Conv1D`, a peftkit extension): `y = W x + delta_W x`."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("c3a_kernel",)
     other_param_names = ("block_size",)
 

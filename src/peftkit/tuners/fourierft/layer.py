@@ -86,6 +86,8 @@ FFT_OPERATION_COST = 6
 class FourierFTLayer(BaseTunerLayer, nn.Module):
     """A frozen `nn.Linear` / `Conv1D` plus, per adapter, n spectral coefficients at fixed frequencies."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("fourierft_spectrum",)
     other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed", "indices")
 

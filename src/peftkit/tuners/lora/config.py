@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -21,8 +22,19 @@ from ...utils.validation import (
 )
 from ...utils.peft_types import PeftType
 from .init import is_valid_base_weight_init
+from .arrow import ArrowConfig
+from .corda import CordaConfig
+from .eva import EvaConfig
+from .loftq import LoftQConfig, check_loftq_options
+from .loraga import LoraGAConfig
+from .bdlora import BdLoraConfig
+from .kasa import KasaConfig
+from .monteclora import MontecloraConfig
+from .velora import VeloraConfig
 
-_INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica")
+__all__ = ["ArrowConfig", "CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "LoraGAConfig", "LoraRuntimeConfig"]
+
+_INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica", "loftq", "eva")
 
 
 @dataclass
@@ -65,6 +77,12 @@ class LoraConfig(PeftConfig):
         target_parameters: Bare parameters to adapt, "<module path>.<parameter>" (exact or dotted
             suffix), e.g. MoE expert stacks `["experts.gate_up_proj"]`; see `param_wrapper.py`.
             Usable alone (target_modules None or []) or with target_modules on other modules.
+        velora_config / use_bdlora / monteclora_config / kasa_config: LoRA variants for Linear
+            layers, one per adapter (a `VeloraConfig`, `BdLoraConfig`, `MontecloraConfig` or
+            `KasaConfig`, or its dict): VeLoRA (compressed activations for A's gradient,
+            `velora.py`), BD-LoRA (a block-diagonal A or B, `bdlora.py`), MonteCLoRA (variational
+            noise on A while training, `monteclora.py`), KaSA (truncates W's r smallest singular
+            components and learns a diagonal between A and B, `kasa.py`).
     """
 
     peft_type: Optional[Union[str, PeftType]] = PeftType.LORA
@@ -90,34 +108,25 @@ class LoraConfig(PeftConfig):
     corda_config: Optional[Any] = None
     lora_ga_config: Optional[Any] = None
     use_dora: bool = False
-    velora_config: Optional[Any] = None
+    velora_config: Optional[Union[VeloraConfig, dict]] = None
     alora_invocation_tokens: Optional[list[int]] = None
     use_qalora: bool = False
     qalora_group_size: int = 16
-    monteclora_config: Optional[Any] = None
+    monteclora_config: Optional[Union[MontecloraConfig, dict]] = None
     layer_replication: Optional[list] = None
     lora_bias: bool = False
     target_parameters: Optional[list[str]] = None
-    use_bdlora: Optional[Any] = None
-    arrow_config: Optional[Any] = None
-    kasa_config: Optional[Any] = None
+    use_bdlora: Optional[Union[BdLoraConfig, dict]] = None
+    arrow_config: Optional[Union[ArrowConfig, dict]] = None
+    kasa_config: Optional[Union[KasaConfig, dict]] = None
     ensure_weight_tying: bool = False
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata={"help": "Not saved"})
 
     # peft fields whose features peftkit does not implement yet: they must keep their defaults.
     unsupported_fields: ClassVar[dict[str, Any]] = {
         "megatron_config": None,
-        "loftq_config": {},
-        "eva_config": None,
-        "corda_config": None,
-        "lora_ga_config": None,
-        "velora_config": None,
         "use_qalora": False,
-        "monteclora_config": None,
         "layer_replication": None,
-        "use_bdlora": None,
-        "arrow_config": None,
-        "kasa_config": None,
     }
 
     def __post_init__(self) -> None:
@@ -125,6 +134,9 @@ class LoraConfig(PeftConfig):
         if str(self.peft_type) != PeftType.LORA.value:
             raise ConfigError(f"LoraConfig has peft_type {self.peft_type!r}; it must be 'LORA'.")
         self.peft_type = PeftType.LORA
+        # VeLoRA / BD-LoRA / MonteCLoRA / KaSA: dicts (adapter_config.json) become their sub-configs.
+        for name, sub_config_cls in _SUB_CONFIGS.items():
+            setattr(self, name, _sub_config(getattr(self, name), sub_config_cls, name))
         self.target_modules = as_name_set(self.target_modules)
         self.exclude_modules = as_name_set(self.exclude_modules, "exclude_modules")
         self.modules_to_save = check_optional_name_list(self.modules_to_save, "modules_to_save")
@@ -162,8 +174,9 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in _INIT_CHOICES and not is_valid_base_weight_init(self.init_lora_weights):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, 'gaussian', "
-                "'orthogonal', 'mica', 'pissa', 'pissa_niter_<N>' or 'olora'."
+                "'orthogonal', 'mica', 'pissa', 'pissa_niter_<N>', 'olora', 'loftq', 'eva', 'lora_ga' or 'corda'."
             )
+        self._check_init_configs()
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False.")
         if self.lora_bias and self.init_lora_weights not in (True, False):
@@ -175,11 +188,40 @@ class LoraConfig(PeftConfig):
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and is_valid_base_weight_init(self.init_lora_weights):
             warnings.warn(
-                "With use_rslora and rank_pattern/alpha_pattern, a PiSSA/OLoRA adapter cannot be converted to plain "
+                "With use_rslora and rank_pattern/alpha_pattern, a PiSSA/OLoRA/LoRA-GA/CorDA adapter cannot be converted to plain "
                 "LoRA on save (path_initial_model_for_weight_conversion); drop one of them if you need that.",
                 stacklevel=3,
             )
         check_layer_selection(self)
+
+
+    def _check_init_configs(self) -> None:
+        """The sub-config of a data-driven init goes with its init_lora_weights, as in peft: `loftq_config`
+        (a `LoftQConfig` or its dict; kept as the dict) with 'loftq', `eva_config` (an `EvaConfig`) with 'eva'."""
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ConfigError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            if not isinstance(self.loftq_config, dict):
+                self.loftq_config = dataclasses.asdict(self.loftq_config)
+            check_loftq_options(self.loftq_config)
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          stacklevel=4)
+        elif self.init_lora_weights == "eva" and self.eva_config is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.",
+                          stacklevel=4)
+            self.eva_config = EvaConfig()
+        elif self.init_lora_weights != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.",
+                          stacklevel=4)
+        elif self.init_lora_weights == "corda" and self.corda_config is None:
+            warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+                          "config.", stacklevel=4)
+            self.corda_config = CordaConfig()
+        elif self.init_lora_weights != "corda" and self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
+                          stacklevel=4)
 
 
 def _check_token_indices(value: Any) -> None:
@@ -197,3 +239,29 @@ def _check_token_indices(value: Any) -> None:
             f"trainable_token_indices={value!r} is invalid; pass a list of token ids (rows of the input embedding) "
             "or a dict {module name: [token ids]}."
         )
+
+
+#: The sub-config fields (saved as dicts, as peft saves them) and their classes.
+_SUB_CONFIGS = {
+    "velora_config": VeloraConfig,
+    "use_bdlora": BdLoraConfig,
+    "monteclora_config": MontecloraConfig,
+    "kasa_config": KasaConfig,
+    "arrow_config": ArrowConfig,
+    "eva_config": EvaConfig,
+    "lora_ga_config": LoraGAConfig,
+    "corda_config": CordaConfig,
+}
+
+
+def _sub_config(value: Any, config_cls: type, name: str) -> Any:
+    """None, an instance of `config_cls`, or a dict of its fields (as saved) turned into one; else TypeError.
+
+    Unknown keys of a dict (e.g. written by a newer peft) are dropped, as peft drops non-init fields.
+    """
+    if value is None or isinstance(value, config_cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+        return config_cls(**{key: item for key, item in value.items() if key in known})
+    raise TypeError(f"`{config_cls.__name__}` must be a `{config_cls.__name__}`, a dict, or None (got {name}={value!r}).")

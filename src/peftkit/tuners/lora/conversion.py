@@ -42,7 +42,7 @@ def convert_mutated_init_to_lora(
     initial_dir: str,
     read_weights: Callable[[str], Mapping[str, torch.Tensor]],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(converted tensors, config fields to save) for saving a PiSSA/OLoRA adapter as plain LoRA.
+    """(converted tensors, config fields to save) for saving a PiSSA/OLoRA/LoRA-GA adapter as plain LoRA.
 
     `config` is the adapter's live config, `state` its checkpoint dict and `config_fields` the
     fields about to be written. `initial_dir` holds the same adapter saved before training (its
@@ -72,7 +72,7 @@ def _check_convertible(config: Any) -> None:
         )
     if not (is_valid_base_weight_init(config.init_lora_weights) or config.init_lora_weights is True):
         warnings.warn(
-            "path_initial_model_for_weight_conversion only converts a PiSSA/OLoRA adapter to plain LoRA; "
+            "path_initial_model_for_weight_conversion only converts a PiSSA/OLoRA/LoRA-GA adapter to plain LoRA; "
             f"this adapter has init_lora_weights={config.init_lora_weights!r}.",
             stacklevel=5,
         )

@@ -23,7 +23,7 @@ pass that folder to `save_pretrained(..., path_initial_model_for_weight_conversi
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -36,15 +36,50 @@ if TYPE_CHECKING:
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
+#: the init -> the LoraConfig field holding its options
+_INIT_OPTION_FIELDS = {"loftq": "loftq_config", "lora_ga": "lora_ga_config"}
+
+
 def is_valid_base_weight_init(init_lora_weights: Union[bool, str]) -> bool:
-    """True for "pissa", "pissa_niter_<N>" and "olora"."""
+    """The inits whose trained adapter converts back to plain LoRA (`conversion.py`): "pissa",
+    "pissa_niter_<N>", "olora", "lora_ga" and "corda"."""
     if not isinstance(init_lora_weights, str):
         return False
-    return init_lora_weights in ("pissa", "olora") or _PISSA_NITER.fullmatch(init_lora_weights) is not None
+    return init_lora_weights in ("pissa", "olora", "lora_ga", "corda") or _PISSA_NITER.fullmatch(init_lora_weights) is not None
 
 
-def init_from_base_weight(layer: "LoraLayer", adapter_name: str, init_lora_weights: str) -> None:
-    """Set `lora_A` / `lora_B` of `adapter_name` from the base weight and replace it by the residual."""
+def rewrites_base_weight(init_lora_weights: Union[bool, str]) -> bool:
+    """The inits that set the adapter from the base weight and rewrite it: PiSSA, OLoRA, LoRA-GA
+    (`loraga.py`), CorDA (`corda.py`), LoftQ (`loftq.py`)."""
+    return init_lora_weights == "loftq" or is_valid_base_weight_init(init_lora_weights)
+
+
+def init_options(config: Any) -> Optional[Any]:
+    """The options of `config`'s init (its `loftq_config` / `lora_ga_config`), None for the others."""
+    field = _INIT_OPTION_FIELDS.get(config.init_lora_weights) if isinstance(config.init_lora_weights, str) else None
+    return None if field is None else getattr(config, field)
+
+
+def init_from_base_weight(
+    layer: "LoraLayer", adapter_name: str, init_lora_weights: str, init_config: Optional[dict[str, Any]] = None
+) -> None:
+    """Set `lora_A` / `lora_B` of `adapter_name` from the base weight and replace it by the residual
+    (LoftQ: by its quantized self; `init_config` is then the `loftq_config` dict)."""
+    if init_lora_weights == "loftq":
+        from .loftq import init_loftq
+
+        init_loftq(layer, adapter_name, init_config)
+        return
+    if init_lora_weights == "lora_ga":
+        from .loraga import init_lora_ga
+
+        init_lora_ga(layer, adapter_name, init_config)
+        return
+    if init_lora_weights == "corda":
+        from .corda import init_corda
+
+        init_corda(layer, adapter_name)
+        return
     base = layer.get_base_layer()
     dtype = base.weight.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):

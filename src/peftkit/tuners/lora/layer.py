@@ -22,7 +22,8 @@ input gradients summed inside one matmul, a cheap dropout mask); everything else
 path below, which computes the same thing.
 
 Variants change the per-adapter term, not the loop: an adapter with an entry in `lora_variant`
-(DoRA, `dora.py`) computes its own term and merge delta. PiSSA / OLoRA (`init.py`) only change
+(DoRA `dora.py`, aLoRA `alora.py`; on Linear layers VeLoRA, BD-LoRA, MonteCLoRA, KaSA, see
+`extra_variants.py`) computes its own term and merge delta. PiSSA / OLoRA (`init.py`) only change
 how A, B -- and the base weight -- are initialised.
 """
 
@@ -52,9 +53,10 @@ from .._core.layer import BaseTunerLayer
 from ...utils.validation import check_rank
 from .alora import ALoraVariant
 from .dora import DoraVariant
+from .extra_variants import build_variant, forget_variant_tensors
 from .fused import fast_dropout, fast_mask_supported, lora_linear, low_rank_delta
 from .mixed_batch import linear_delta, looped_delta, uniform_adapter
-from .init import init_from_base_weight, is_valid_base_weight_init
+from .init import init_from_base_weight, rewrites_base_weight
 
 InitChoice = Union[bool, str]
 
@@ -73,6 +75,15 @@ class LoraLayer(BaseTunerLayer):
     #: What `use_alora=True` (aLoRA, `alora.py`) does here: "variant" (masked per token), "plain"
     #: (ignored, as peft does for embeddings) or None (refused).
     alora_support: ClassVar[Optional[str]] = None
+    lora_convertible = True  # plain LoRA is its own B A (see supports_lora_conversion for variants)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """As every additive layer; an adapter with a variant (DoRA, aLoRA, ...) only where the
+        variant says its update is a fixed W + delta_W (`variant.supports_lora_conversion()`)."""
+        variant = self.lora_variant.get(adapter_name)
+        if variant is not None and not getattr(variant, "supports_lora_conversion", lambda: False)():
+            return False
+        return super().supports_lora_conversion(adapter_name)
 
     def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
@@ -87,7 +98,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_A = nn.ParameterDict({})
         self.lora_embedding_B = nn.ParameterDict({})
         self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA's m, one DoraMagnitude per adapter
-        self.lora_variant: dict[str, DoraVariant] = {}
+        self.lora_variant: dict[str, Any] = {}  # adapter -> its variant object (DoRA, aLoRA, VeLoRA, ...)
         # Per merged variant adapter, what unmerging needs again (DoRA: its factor m / ||W + dW||).
         self.merge_factors: dict[str, torch.Tensor] = {}
         # Per adapter: whether B has a bias b_B, so that the update is scaling * (B A x + b_B).
@@ -111,14 +122,19 @@ class LoraLayer(BaseTunerLayer):
         use_dora: bool = False,
         lora_bias: bool = False,
         use_alora: bool = False,
+        init_config: Optional[dict[str, Any]] = None,
+        variant: Optional[tuple[str, Any]] = None,
     ) -> None:
         """Add (or replace) adapter `adapter_name` on this layer.
 
-        "pissa" / "pissa_niter_N" / "olora" inits also rewrite the base weight (see `init.py`).
+        "pissa" / "pissa_niter_N" / "olora" / "loftq" inits also rewrite the base weight (see `init.py`;
+        `init_config` is the init's own options, e.g. the `loftq_config` dict).
         `lora_bias`: B gets a bias (zero at init), so the update is `scaling * (B A x + b_B)`;
         merging adds `scaling * b_B` to the base bias.
+        `variant`: VeLoRA / BD-LoRA / MonteCLoRA / KaSA, a request built by `extra_variants.variant_request`.
         """
         check_rank(r, "r")
+        extra = None if variant is None else build_variant(self, variant, lora_bias)
         if use_alora and (use_dora or self.alora_support is None):
             what = "DoRA adapters" if use_dora else f"{type(self.get_base_layer()).__name__} layers"
             raise ConfigError(
@@ -141,15 +157,20 @@ class LoraLayer(BaseTunerLayer):
         # No dropout op at all when p == 0: it would cost a copy of x per step for nothing.
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create_adapter_weights(adapter_name, r)
-        if is_valid_base_weight_init(init_lora_weights):
-            self._init_from_base_weight(adapter_name, init_lora_weights)
+        if rewrites_base_weight(init_lora_weights):
+            self._init_from_base_weight(adapter_name, init_lora_weights, init_config)
         else:
             self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
         self.lora_variant.pop(adapter_name, None)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        if use_dora:
+        forget_variant_tensors(self, adapter_name)  # a re-added adapter keeps no stale lora_diag / sampler / vector
+        if extra is not None:  # after the init above (KaSA truncates W, BD-LoRA replaces a factor)
+            self.lora_variant[adapter_name] = extra
+            extra.init(self, adapter_name)
+            self._move_adapter_to_base(adapter_name)
+        elif use_dora:
             # After the init above: DoRA's magnitude starts at the norm of the initialised weight.
             self.lora_variant[adapter_name] = DoraVariant()
             self.lora_variant[adapter_name].init(self, adapter_name)
@@ -157,8 +178,10 @@ class LoraLayer(BaseTunerLayer):
             self.lora_variant[adapter_name] = ALoraVariant()
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
-        """PiSSA / OLoRA: only Linear layers (and Conv1D) take A and B from their base weight."""
+    def _init_from_base_weight(
+        self, adapter_name: str, init_lora_weights: str, init_config: Optional[dict[str, Any]] = None
+    ) -> None:
+        """PiSSA / OLoRA / LoftQ: only Linear layers (and Conv1D) take A and B from their base weight."""
         raise ConfigError(
             f"init_lora_weights={init_lora_weights!r} works on Linear layers only, not on "
             f"{type(self.get_base_layer()).__name__}; exclude this module via exclude_modules."
@@ -172,6 +195,10 @@ class LoraLayer(BaseTunerLayer):
         """
         self.frozen_factors.pop(adapter_name, None)
         if init_lora_weights is False:
+            return
+        if init_lora_weights == "eva":  # B zero; A is set from the data later (`eva.py`)
+            if adapter_name in self.lora_B:
+                nn.init.zeros_(self.lora_B[adapter_name].weight)
             return
         if init_lora_weights == "orthogonal":
             self._orthogonal_init(adapter_name)
@@ -245,6 +272,9 @@ class LoraLayer(BaseTunerLayer):
     def adapter_state(self, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
         """As the base class, but DoRA's magnitude is saved as `<prefix>.lora_magnitude_vector` (peft's key)."""
         state = super().adapter_state(adapter_name, prefix)
+        variant_state = getattr(self.lora_variant.get(adapter_name), "adapter_state", None)
+        if variant_state is not None:  # e.g. VeLoRA's projection vector (a buffer)
+            state.update(variant_state(self, adapter_name, prefix))
         dora_key = f"{prefix}.lora_magnitude_vector.weight"
         if dora_key in state:
             state[dora_key.removesuffix(".weight")] = state.pop(dora_key)
@@ -334,7 +364,7 @@ class LoraLayer(BaseTunerLayer):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """W + scaling * B A, or DoRA's `W + (f - 1) W0 + f s B A` (remembering f for `unfold`)."""
         variant = self.lora_variant.get(adapter_name)
-        if variant is None:
+        if variant is None or not hasattr(variant, "merge_factor"):  # plain LoRA, or an additive variant
             weight, _ = super().fold(adapter_name, weight, bias)
             return weight, self._bias_moved(adapter_name, bias, +1)
         factor = variant.merge_factor(self, adapter_name, weight)
@@ -374,6 +404,8 @@ class Linear(LoraLayer, nn.Module):
     """LoRA on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
 
     alora_support = "variant"
+    #: VeLoRA / BD-LoRA / MonteCLoRA / KaSA adapt Linear layers only (`extra_variants.py`).
+    supports_extra_variants = True
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: Optional[bool] = None, **lora_kwargs: Any
@@ -426,6 +458,8 @@ class Linear(LoraLayer, nn.Module):
         return name if len(dtypes) == 1 and (base.bias is None or base.bias.dtype == x.dtype) else None
 
     def _mixed_batch_delta(self, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        if self.lora_variant.keys() & set(names):  # variant terms are not two stacked matmuls
+            return looped_delta(self, x, names, self._adapter_output)
         if any(self.lora_bias.values()):  # the batched form stacks B's weights only
             return super()._mixed_batch_delta(x, names)
         return linear_delta(self, x, names)
@@ -448,13 +482,16 @@ class Linear(LoraLayer, nn.Module):
         return low_rank_delta(x.to(weight_a.dtype), weight_a, lora_b.weight, self.scaling[adapter_name],
                               getattr(dropout, "p", 0.0), dropout.training)
 
-    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
+    def _init_from_base_weight(
+        self, adapter_name: str, init_lora_weights: str, init_config: Optional[dict[str, Any]] = None
+    ) -> None:
         if is_quantized(self.get_base_layer()):
+            fix = ("call replace_lora_weights_loftq(peft_model) on the quantized model instead"
+                   if init_lora_weights == "loftq" else "use init_lora_weights=True or 'gaussian'")
             raise ConfigError(
-                f"init_lora_weights={init_lora_weights!r} rewrites the base weight, which is quantized here; "
-                "use init_lora_weights=True or 'gaussian'."
+                f"init_lora_weights={init_lora_weights!r} rewrites the base weight, which is quantized here; {fix}."
             )
-        init_from_base_weight(self, adapter_name, init_lora_weights)
+        init_from_base_weight(self, adapter_name, init_lora_weights, init_config)
 
     def out_in_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
@@ -464,7 +501,11 @@ class Linear(LoraLayer, nn.Module):
         return F.linear(x.to(weight.dtype), weight)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """delta_W = scaling * B A, transposed for (in, out)-stored bases."""
+        """delta_W = scaling * B A, transposed for (in, out)-stored bases (an additive variant's own delta)."""
+        variant_delta = getattr(self.lora_variant.get(adapter_name), "delta_weight", None)
+        if variant_delta is not None:
+            delta = variant_delta(self, adapter_name)
+            return delta.T if self.fan_in_fan_out else delta
         delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
@@ -504,8 +545,12 @@ class Embedding(LoraLayer, nn.Module):
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
 
-    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: str) -> None:
-        # As peft: embeddings keep the standard init (A zero, B normal) and the base stays as it is.
+    def _init_from_base_weight(
+        self, adapter_name: str, init_lora_weights: str, init_config: Optional[dict[str, Any]] = None
+    ) -> None:
+        if init_lora_weights == "loftq":
+            super()._init_from_base_weight(adapter_name, init_lora_weights, init_config)
+        # As peft: with PiSSA / OLoRA embeddings keep the standard init (A zero, B normal) and the base as it is.
         self.reset_lora_parameters(adapter_name, True)
 
     def out_in_layout(self, weight: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,19 @@ from torch import nn
 from ...errors import ConfigError
 from .._core.base_layers import swap_guard, tensors_swapped, wraps
 from .._core.call_state import batch_adapter_names
+from .extra_variants import FIELDS, LABELS
 from .layer import Linear, LoraLayer
+
+
+def _refuse_variant(lora_kwargs: dict) -> None:
+    """VeLoRA / BD-LoRA / MonteCLoRA / KaSA do not adapt MultiheadAttention (checked before out_proj is wrapped)."""
+    request = lora_kwargs.get("variant")
+    if request is not None:
+        field = FIELDS[request[0]]
+        raise ConfigError(
+            f"MultiheadAttention does not support {LABELS[request[0]]}, please set `{field}=None` "
+            "(or exclude this module via exclude_modules)."
+        )
 
 
 class OutProjLinear(Linear):
@@ -69,6 +81,7 @@ class MultiheadAttention(LoraLayer, nn.Module):
             raise ConfigError("MultiheadAttention does not support DoRA (yet), please set use_dora to False.")
         if lora_kwargs.get("use_alora"):
             raise ConfigError("MultiheadAttention does not support aLoRA (yet), please drop alora_invocation_tokens.")
+        _refuse_variant(lora_kwargs)
         if not isinstance(base_layer.out_proj, nn.Linear):
             raise TypeError("out_proj must be an instance of nn.Linear for MultiheadAttention.")
         super().__init__()
@@ -88,6 +101,7 @@ class MultiheadAttention(LoraLayer, nn.Module):
     get_delta_weight = Linear.get_delta_weight
 
     def update_layer(self, adapter_name: str, **lora_kwargs: Any) -> None:
+        _refuse_variant(lora_kwargs)
         if lora_kwargs.get("use_dora"):
             raise ConfigError("MultiheadAttention does not support DoRA (yet), please set use_dora to False.")
         super().update_layer(adapter_name, **lora_kwargs)

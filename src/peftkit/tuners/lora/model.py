@@ -23,10 +23,12 @@ from .._core.tuner import BaseTuner
 from .config import LoraConfig
 from .conversion import convert_mutated_init_to_lora
 from .constants import LORA_TARGET_MODULES_BY_MODEL_TYPE
-from .init import is_valid_base_weight_init
+from .init import init_options, is_valid_base_weight_init
 from .layer import SUPPORTED_LAYERS, LoraLayer, dispatch_conv, dispatch_embedding, dispatch_linear
 from .mha import dispatch_mha
 from .alora import calculate_offsets
+from .extra_variants import check_combination, variant_request
+from .kasa import check_kasa_mixing, kasa_regularization
 from .mixed_batch import check_names
 from .param_wrapper import ParamWrapper, existing_wrapper, parameter_targets
 from .tied import apply_weight_tying, plan_weight_tying, tied_output_names
@@ -51,7 +53,8 @@ class LoraModel(BiasOptions, BaseTuner):
     supported_layers = SUPPORTED_LAYERS
 
     def layer_kwargs(self, config: LoraConfig, adapter_name: str, key: str, target: nn.Module) -> dict[str, Any]:
-        return {
+        variant = variant_request(config, key)  # VeLoRA / BD-LoRA / MonteCLoRA / KaSA (`extra_variants.py`)
+        return ({"variant": variant} if variant is not None else {}) | {
             "r": pattern_value(config.rank_pattern or {}, key, config.r),
             "lora_alpha": pattern_value(config.alpha_pattern or {}, key, config.lora_alpha),
             "lora_dropout": config.lora_dropout,
@@ -60,6 +63,7 @@ class LoraModel(BiasOptions, BaseTuner):
             "use_dora": config.use_dora,
             "lora_bias": config.lora_bias,
             "use_alora": bool(config.alora_invocation_tokens),
+            "init_config": init_options(config),
         }
 
     def _prepare_adapter_config(self, config: LoraConfig) -> LoraConfig:
@@ -130,6 +134,8 @@ class LoraModel(BiasOptions, BaseTuner):
             replace_module(parent, name, ParamWrapper(target, adapter_name, parameter_name=param_name, **kwargs))
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        check_combination(config)
+        check_kasa_mixing(config, self.peft_config)
         targets = set(config.target_parameters or ())
         for name, other in self.peft_config.items():
             if targets and other.target_parameters and set(other.target_parameters) != targets:
@@ -141,7 +147,7 @@ class LoraModel(BiasOptions, BaseTuner):
         configs = [config, *self.peft_config.values()]
         if len(configs) > 1 and any(is_valid_base_weight_init(cfg.init_lora_weights) for cfg in configs):
             warnings.warn(
-                "PiSSA/OLoRA adapters change the base weights, so they should not be combined with other adapters. "
+                "PiSSA/OLoRA/LoRA-GA/CorDA adapters change the base weights, so they should not be combined with other adapters. "
                 "Convert them to plain LoRA with save_pretrained(..., path_initial_model_for_weight_conversion=...).",
                 stacklevel=4,
             )
@@ -150,7 +156,7 @@ class LoraModel(BiasOptions, BaseTuner):
     def prepare_save(
         self, adapter_name: str, state: dict[str, torch.Tensor], config_fields: dict[str, Any], **save_options: Any
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """With `path_initial_model_for_weight_conversion`, save PiSSA/OLoRA as plain LoRA (conversion.py)."""
+        """With `path_initial_model_for_weight_conversion`, save PiSSA/OLoRA/LoRA-GA as plain LoRA (conversion.py)."""
         initial_dir = save_options.get("path_initial_model_for_weight_conversion")
         if initial_dir is None:
             return super().prepare_save(adapter_name, state, config_fields, **save_options)
@@ -215,6 +221,32 @@ class LoraModel(BiasOptions, BaseTuner):
             offsets = tuple(None if offset is None else int(offset) for offset in offsets)
         with call_scope(offsets=offsets):  # travels with the call (`_core/call_state.py`), as the row names
             yield
+
+    def _variant_layers(self, adapter_names: Any, container: str) -> Iterator[tuple[LoraLayer, str]]:
+        """(layer, adapter) for every LoRA layer holding `container[adapter]`; default: the active adapters."""
+        names = self.active_adapters if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        for module in self.model.modules():
+            held = getattr(module, container, None) if isinstance(module, LoraLayer) else None
+            if held is not None:
+                yield from ((module, name) for name in names if name in held)
+
+    def _get_monteclora_loss(self, adapter_names: Any = None) -> Any:
+        """MonteCLoRA's variational loss (`monteclora.py`), averaged over the samplers of `adapter_names`
+        (default: the active adapters); 0.0 when there are none. Add it to the task loss while training."""
+        total, count = 0.0, 0
+        for layer, name in self._variant_layers(adapter_names, "lora_monteclora_sampler"):
+            kl_term, entropy = layer.lora_monteclora_sampler[name].get_variational_loss()
+            total, count = total + kl_term + entropy, count + 1
+        return total / count if count else 0.0
+
+    def _get_kasa_loss(self, adapter_names: Any = None) -> Any:
+        """KaSA's regularisers (`kasa.py`) summed over the KaSA layers of `adapter_names` (default: the active
+        adapters), with each adapter's `kasa_config.beta / gamma`; 0.0 when there are none."""
+        total = 0.0
+        for layer, name in self._variant_layers(adapter_names, "lora_diag"):
+            settings = self.peft_config[name].kasa_config
+            total = total + kasa_regularization(layer, name, settings.beta, settings.gamma)
+        return total
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         """Add `adapter_name`, a weighted combination of `adapters` (see `weighted.add_weighted_adapter`).

@@ -47,10 +47,10 @@ class TiedLinear(LoraLayer, nn.Module):
         return self._tied[0]
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, **kwargs: Any) -> None:
-        if kwargs.get("use_dora") or kwargs.get("lora_bias") or kwargs.get("use_alora"):
+        if kwargs.get("use_dora") or kwargs.get("lora_bias") or kwargs.get("use_alora") or kwargs.get("variant"):
             raise ConfigError(
                 "ensure_weight_tying: the tied output layer shares the embedding's LoRA factors, which have no DoRA "
-                "magnitude, bias or aLoRA mask; use plain LoRA there, or ensure_weight_tying=False."
+                "magnitude, bias, aLoRA mask or other variant; use plain LoRA there, or ensure_weight_tying=False."
             )
         embedding = self.embedding_layer
         if adapter_name not in embedding.lora_embedding_A:

@@ -21,6 +21,7 @@ import torch
 from ...errors import ConfigError
 from ...utils.merge_utils import SignMethod, combine
 from .._core.modules_to_save import ModulesToSaveWrapper
+from .extra_variants import FIELDS as VARIANT_FIELDS
 from .layer import Conv, LoraLayer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +66,12 @@ def _plan(tuner: "LoraModel", adapters: list[str], weights: list[float], combina
         raise ConfigError(
             f"Cannot combine adapters {with_bias} with lora_bias=True: the combination covers the A/B factors, "
             "not B's bias, so the result would silently drop it. Combine adapters without lora_bias."
+        )
+    with_variant = [name for name in adapters if any(getattr(tuner.peft_config[name], f) for f in VARIANT_FIELDS.values())]
+    if with_variant:
+        raise ConfigError(
+            f"Cannot combine adapters {with_variant}: VeLoRA / BD-LoRA / MonteCLoRA / KaSA adapters carry more than "
+            "plain A/B factors (projection vectors, block layouts, samplers, lora_diag). Combine plain LoRA adapters."
         )
     combination = "linear" if len(adapters) == 1 else combination_type
     ranks = [_max_rank(tuner.peft_config[name]) for name in adapters]

@@ -34,6 +34,8 @@ BASIS_NAMES = ("randlora_A", "randlora_B")
 class RandLoraLayer(SharedTensorsLayer, nn.Module):
     """A frozen Linear / Conv1D (or quantized linear) plus, per adapter, lambda and gamma over the shared bases."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("randlora_lambda", "randlora_gamma")
     other_param_names = ("randlora_A", "randlora_B", "randlora_dropout", "r", "scaling", "bases_per_adapter")
     shared_layer_names = BASIS_NAMES

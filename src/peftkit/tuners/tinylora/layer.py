@@ -98,6 +98,8 @@ def projection(u: int, r: int, seed: int) -> torch.Tensor:
 class TinyLoraLayer(BaseTunerLayer, nn.Module):
     """What every TinyLoRA layer shares: frozen A, B, P per adapter, R mixed from the (shared) v."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("tinylora_v",)
     other_param_names = ("tinylora_A", "tinylora_B", "tinylora_P", "tinylora_dropout", "r", "u", "_tinylora_v_key")
 

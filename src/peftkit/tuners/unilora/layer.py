@@ -32,6 +32,8 @@ INDEX_NAMES = ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "un
 class UniLoraLayer(SharedTensorsLayer, nn.Module):
     """A frozen Linear / Conv1D plus, per adapter, fixed indices and scales into the tuner's `theta_d`."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("unilora_theta_d",)
     other_param_names = ("r", *INDEX_NAMES, "unilora_dropout")
     shared_layer_names = ("unilora_theta_d",)

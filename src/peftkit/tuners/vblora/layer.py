@@ -45,6 +45,8 @@ def mix_bank(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tenso
 class VBLoRALayer(SharedTensorsLayer, nn.Module):
     """A frozen Linear / Conv1D plus, per adapter, top-k logits over the tuner's shared vector bank."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")
     other_param_names = ("r", "topk", "vblora_dropout")
     shared_layer_names = ("vblora_vector_bank",)

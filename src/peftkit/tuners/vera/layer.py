@@ -18,6 +18,8 @@ SUPPORTED_LAYERS = "`torch.nn.Linear` (optionally quantized), `transformers.pyto
 class VeraLayer(ProjectionLayer):
     """VeRA on `nn.Linear`, transformers' `Conv1D` or a quantized linear layer: `delta_W = diag(lambda_b) B diag(lambda_d) A`."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
     other_param_names = ("vera_A", "vera_B", "vera_dropout", "r")
     shared_layer_names = ("vera_A", "vera_B")

@@ -48,6 +48,8 @@ __all__ = ["SUPPORTED_LAYERS", "WaveFTLayer", "WaveFTLinear", "dispatch_linear"]
 class WaveFTLayer(BaseTunerLayer, nn.Module):
     """A frozen `nn.Linear` / `Conv1D` plus, per adapter, n wavelet coefficients at fixed positions."""
 
+    lora_convertible = True  # delta_W is additive: convert_to_lora applies
+
     adapter_layer_names = ("waveft_spectrum",)
     other_param_names = (
         "waveft_n_frequency",
