@@ -9,8 +9,9 @@ adapter parameters train, adapters switch, a short training run lowers the loss.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Callable, Optional
 
+import pytest
 import torch
 from torch import nn
 
@@ -167,3 +168,91 @@ def fresh_adapter_is_noop(make_model: Callable, inputs: dict, config) -> None:
 
 def deepcopy_config(config):
     return copy.deepcopy(config)
+
+
+# ------------------------------------------------------------------------ the suite of a method's test file
+def _variants(overrides: tuple) -> Callable:
+    """Parametrize a generated test over `overrides` (one dict of config overrides per case), if more than one."""
+    def decorate(test: Callable) -> Callable:
+        if len(overrides) == 1:
+            return _bind(test, overrides[0])
+        ids = [",".join(f"{k}={v}" for k, v in o.items()) or "default" for o in overrides]
+        return pytest.mark.parametrize("overrides", list(overrides), ids=ids)(test)
+    return decorate
+
+
+def _bind(test: Callable, overrides: dict) -> Callable:
+    """`test` with its `overrides` argument fixed (pytest then sees only the fixtures)."""
+    def bound(case, tmp_path):
+        return test(case, tmp_path, overrides)
+    bound.__name__ = test.__name__
+    return bound
+
+
+def property_tests(
+    config_for: Callable[..., Any],
+    *,
+    second: Optional[Callable[[str], dict]],
+    fresh: tuple = ({"init_weights": True},),
+    merge: tuple = ({},),
+    restore: tuple = ({},),
+    disable: tuple = ({},),
+    roundtrip: tuple = ({},),
+    only_adapter: tuple = ({},),
+    train: tuple = ({"init_weights": True},),
+    lr: float = 5e-2,
+    mergeable: bool = True,
+) -> dict[str, Callable]:
+    """The shared properties as test functions for a method's test file, which defines the `case` fixture
+    ((model name, TinyCase)) and `config_for(name, **overrides)`:
+
+        globals().update(prop.property_tests(config_for, second=lambda name: {"r": 2, ...}))
+
+    Each tuple holds one dict of config overrides per variant of that test; `second(name)` gives the
+    overrides of the second adapter for the switch test (None: not tested); `mergeable=False` leaves the
+    merge properties out.
+    """
+    def config(case, overrides):
+        name, tiny = case
+        return tiny, config_for(name, **overrides)
+
+    def test_fresh_adapter_is_noop(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        fresh_adapter_is_noop(tiny.make_model, tiny.make_inputs(), cfg)
+
+    def test_merge_equals_unmerged(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        check_merge_equals_unmerged(tiny.make_model, tiny.make_inputs(), cfg)
+
+    def test_merge_unmerge_restores_weights(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        check_merge_unmerge_restores_weights(tiny.make_model, cfg)
+
+    def test_disable_gives_base(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        check_disable_gives_base(tiny.make_model, tiny.make_inputs(), cfg)
+
+    def test_save_load_roundtrip(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), cfg, tmp_path)
+
+    def test_only_adapter_params_train(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), cfg)
+
+    def test_adapters_switch(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        check_adapters_switch(tiny.make_model, tiny.make_inputs(), cfg, config_for(case[0], **second(case[0])))
+
+    def test_training_lowers_loss(case, tmp_path, overrides):
+        tiny, cfg = config(case, overrides)
+        check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), cfg, lr=lr)
+
+    plan = [(test_fresh_adapter_is_noop, fresh), (test_disable_gives_base, disable),
+            (test_save_load_roundtrip, roundtrip), (test_only_adapter_params_train, only_adapter),
+            (test_training_lowers_loss, train)]
+    if mergeable:
+        plan += [(test_merge_equals_unmerged, merge), (test_merge_unmerge_restores_weights, restore)]
+    if second is not None:
+        plan.append((test_adapters_switch, ({},)))
+    return {test.__name__: _variants(variants)(test) for test, variants in plan}

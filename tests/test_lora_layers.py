@@ -210,3 +210,54 @@ def test_gpt2_conv1d_targets_get_fan_in_fan_out():
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     assert isinstance(layer, Linear) and layer.fan_in_fan_out
     assert (layer.in_features, layer.out_features) == (32, 96)
+
+
+def test_registered_custom_layer_types_are_wrapped_by_the_registered_class(tmp_path):
+    """peft's experimental `LoraConfig._register_custom_module`: a module type LoRA does not know is
+    wrapped by the user's class (here plain LoRA's Linear code over a Linear-like module), with peft's
+    warning; the registration survives the config copies made on the way and is not saved."""
+    import warnings
+
+    from peftkit import LoraConfig, PeftModel, get_peft_model
+    from peftkit.tuners.lora.layer import Linear as LoraLinear
+
+    class LinearLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features, self.out_features = 6, 5
+            self.weight = nn.Parameter(torch.randn(5, 6))
+
+        def forward(self, x):
+            return x @ self.weight.T
+
+    class MyLora(LoraLinear):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.inner = LinearLike()
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(self.inner(x))
+
+    config = LoraConfig(target_modules=["inner", "head"], init_lora_weights=False)
+    with pytest.raises(Exception, match="LinearLike, which LoRA cannot wrap"):
+        get_peft_model(Net(), config)
+    config._register_custom_module({LinearLike: MyLora})
+    with pytest.warns(UserWarning, match=r"Unsupported layer type '.*LinearLike'>' encountered, proceed at your own risk."):
+        model = get_peft_model(Net(), config)
+    assert type(model.base_model.model.inner) is MyLora and isinstance(model.base_model.model.inner.base_layer, LinearLike)
+    x = torch.randn(3, 6)
+    expected = model(x)
+    model.save_pretrained(str(tmp_path))
+    assert "custom" not in (tmp_path / "adapter_config.json").read_text()
+    loaded_config = LoraConfig.from_pretrained(str(tmp_path))
+    assert loaded_config._custom_modules is None
+    loaded_config._register_custom_module({LinearLike: MyLora})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(Net(), str(tmp_path), config=loaded_config)
+    torch.testing.assert_close(loaded(x), expected)

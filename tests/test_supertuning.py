@@ -204,44 +204,14 @@ def case(request):
     return request.param, MODEL_FACTORIES[request.param]
 
 
-@pytest.mark.parametrize("r", [None, 2])
-def test_fresh_adapter_is_noop(case, r):
-    name, tiny = case
-    prop.fresh_adapter_is_noop(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=True, r=r))
+globals().update(prop.property_tests(
+    config_for,
+    second=lambda name: {"sparsity": 0.5, "target_modules": TARGETS[name][:1]},
+    fresh=({"init_weights": True, "r": None}, {"init_weights": True, "r": 2}),
+    merge=({"r": None}, {"r": 2}),
+    restore=({"r": 2},),
+    roundtrip=({"r": 2},),
+    only_adapter=({"r": 2},),
+))
 
 
-@pytest.mark.parametrize("r", [None, 2])
-def test_merge_equals_unmerged(case, r):
-    name, tiny = case
-    prop.check_merge_equals_unmerged(tiny.make_model, tiny.make_inputs(), config_for(name, r=r))
-
-
-def test_merge_unmerge_restores_weights(case):
-    name, tiny = case
-    prop.check_merge_unmerge_restores_weights(tiny.make_model, config_for(name, r=2))
-
-
-def test_disable_gives_base(case):
-    name, tiny = case
-    prop.check_disable_gives_base(tiny.make_model, tiny.make_inputs(), config_for(name))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    name, tiny = case
-    prop.check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), config_for(name, r=2), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    name, tiny = case
-    prop.check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), config_for(name, r=2))
-
-
-def test_adapters_switch(case):
-    name, tiny = case
-    second = config_for(name, sparsity=0.5, target_modules=TARGETS[name][:1])
-    prop.check_adapters_switch(tiny.make_model, tiny.make_inputs(), config_for(name), second)
-
-
-def test_training_lowers_loss(case):
-    name, tiny = case
-    prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=True), lr=5e-2)

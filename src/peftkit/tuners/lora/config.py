@@ -195,6 +195,20 @@ class LoraConfig(PeftConfig):
         check_layer_selection(self)
 
 
+    def _register_custom_module(self, mapping: dict[type, type]) -> None:
+        """peft's experimental API: wrap modules of type `T` with `mapping[T]` (a LoRA layer class built as
+        `cls(base_layer, adapter_name, **layer_kwargs)`). Not saved: register again after loading a config.
+
+        Kept on `runtime_config` (run-time only, never saved), which copies of the config share."""
+        registered = dict(self._custom_modules or {})
+        registered.update(mapping)
+        self.runtime_config.custom_modules = registered
+
+    @property
+    def _custom_modules(self) -> Optional[dict[type, type]]:
+        """peft's attribute: the layer types registered with `_register_custom_module` (None: none)."""
+        return getattr(self.runtime_config, "custom_modules", None)
+
     def _check_init_configs(self) -> None:
         """The sub-config of a data-driven init goes with its init_lora_weights, as in peft: `loftq_config`
         (a `LoftQConfig` or its dict; kept as the dict) with 'loftq', `eva_config` (an `EvaConfig`) with 'eva'."""

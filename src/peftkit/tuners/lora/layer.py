@@ -64,6 +64,14 @@ InitChoice = Union[bool, str]
 class LoraLayer(BaseTunerLayer):
     """What every LoRA layer shares: per-adapter rank, alpha, scaling, dropout and init."""
 
+    def __init__(self, base_layer: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        """peft's signature, for custom layers (`LoraLayer.__init__(self, base_layer, **kwargs)`): the
+        per-adapter containers around `base_layer`. peftkit's own layers call `_init_lora_layer`."""
+        super().__init__()
+        if base_layer is not None:
+            self._init_lora_layer(base_layer, getattr(base_layer, "in_features", None),
+                                  getattr(base_layer, "out_features", None))
+
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = (
         "r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "merge_factors", "lora_bias", "frozen_factors"

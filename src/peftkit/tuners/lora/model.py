@@ -68,10 +68,25 @@ class LoraModel(BiasOptions, BaseTuner):
 
     def _prepare_adapter_config(self, config: LoraConfig) -> LoraConfig:
         """As every method; besides, `target_parameters` alone is a complete target (peft's rule)."""
-        if config.target_modules is None and config.target_parameters:
-            if self._model_type() not in self.default_target_modules:
-                return dataclasses.replace(config)
+        if config.target_modules is None and config.target_parameters and self._model_type() not in self.default_target_modules:
+            return dataclasses.replace(config)
         return super()._prepare_adapter_config(config)
+
+    def _create_and_replace(
+        self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
+    ) -> None:
+        """As every method, except that a module of a type registered with `LoraConfig._register_custom_module`
+        is wrapped by the registered class, `cls(target, adapter_name, **layer_kwargs)` (peft's experimental API)."""
+        custom = getattr(config, "_custom_modules", None) or {}
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        layer_cls = next((cls for kind, cls in custom.items() if isinstance(base, kind)), None)
+        if layer_cls is None or isinstance(target, layer_cls):
+            return super()._create_and_replace(config, adapter_name, target, target_name, parent, current_key)
+        warnings.warn(f"Unsupported layer type '{type(base)}' encountered, proceed at your own risk.", UserWarning,
+                      stacklevel=5)
+        kwargs = {**self.layer_kwargs(config, adapter_name, current_key, target),
+                  **self.new_layer_kwargs(config, adapter_name, current_key, target)}
+        replace_module(parent, target_name, layer_cls(target, adapter_name, **kwargs))
 
     def _inject(self, adapter_name: str, config: LoraConfig, targets: Any = None) -> None:
         """Wrap the modules `target_modules` selects, the parameters `target_parameters` names, and tie
