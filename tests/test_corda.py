@@ -83,6 +83,7 @@ def test_the_decomposition_reproduces_the_weight_and_ipm_keeps_the_largest_compo
 @pytest.mark.parametrize("method", ["ipm", "kpm"])
 def test_same_decomposition_factors_and_residual_as_peft_and_outputs_kept(method):
     peft = pytest.importorskip("peft")
+    pytest.importorskip("attr", reason="peft's corda module imports attrs, which the test extra does not install")
     import peftkit
 
     ours, theirs = corda_model(peftkit, corda_method=method), corda_model(peft, corda_method=method)
@@ -95,6 +96,7 @@ def test_same_decomposition_factors_and_residual_as_peft_and_outputs_kept(method
 
 def test_conv1d_layers_are_decomposed_in_out_in_layout():
     peft = pytest.importorskip("peft")
+    pytest.importorskip("attr", reason="peft's corda module imports attrs, which the test extra does not install")
     import peftkit
 
     ours, theirs = corda_model(peftkit, gpt2, ["c_attn"]), corda_model(peft, gpt2, ["c_attn"])
@@ -155,6 +157,7 @@ def test_converted_to_plain_lora_it_works_on_the_original_base(tmp_path):
 
 def test_checkpoints_move_between_peft_and_peftkit_on_the_residual_base(tmp_path):
     peft = pytest.importorskip("peft")
+    pytest.importorskip("attr", reason="peft's corda module imports attrs, which the test extra does not install")
     import peftkit
 
     inputs = {"input_ids": samples(1)[0]}
