@@ -193,7 +193,8 @@ class XLoraModel(BaseTuner):
         for key, value in state.items():
             bare = key.removeprefix(prefix).removeprefix("base_model.")
             renamed[prefix + bare if bare.startswith(CLASSIFIER) else key] = value
-        missing = [key for key in self.extra_adapter_state(adapter_name) if prefix + key not in renamed]
+        live = self.extra_adapter_state(adapter_name)
+        missing = [key for key in live if prefix + key not in renamed]
         if missing:
             warnings.warn(
                 f"The X-LoRA checkpoint lacks classifier tensors {missing}: they keep their initial values. peft "
@@ -202,7 +203,7 @@ class XLoraModel(BaseTuner):
                 stacklevel=4,
             )
             for key in missing:
-                renamed[prefix + key] = self.extra_adapter_state(adapter_name)[key].detach().clone()
+                renamed[prefix + key] = live[key].detach().clone()
         return renamed
 
     # ------------------------------------------------------------------ peft's X-LoRA API
