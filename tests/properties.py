@@ -101,10 +101,13 @@ def check_only_adapter_params_train(make_model: Callable, inputs: dict, config) 
 
 
 def _adapter_param_ids(model: PeftModel) -> set[int]:
-    """Parameters an adapter may train: adapter tensors, modules_to_save copies, opted-in biases."""
+    """Parameters an adapter may train: adapter tensors, modules_to_save copies, opted-in biases, and
+    the tensors the tuner holds itself, outside the wrapped model (e.g. ShadowPEFT's backbone)."""
     from peftkit.tuners._core import ModulesToSaveWrapper
 
     allowed = {id(p) for _, layer in model.base_model.tuner_layers() for p in layer.adapter_params()}
+    in_model = {id(p) for p in model.base_model.model.parameters()}
+    allowed |= {id(p) for p in model.base_model.parameters() if id(p) not in in_model}
     for _, module in model.base_model.adapter_modules():
         if isinstance(module, ModulesToSaveWrapper):
             allowed |= {id(p) for p in module.modules_to_save.parameters()}

@@ -97,6 +97,7 @@ CONFIGS = {
     "POLY": lambda: peftkit.PolyConfig(r=2, n_tasks=2, n_skills=2, target_modules=ATTENTION, init_weights=False),
     "XLORA": lambda: xlora_config(),
     "ADAPTION_PROMPT": lambda: peftkit.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1),
+    "SHADOW": lambda: peftkit.ShadowConfig(task_type="CAUSAL_LM", r=4, init_weights=False, shadow_dropout=0.0),
 }
 BUILTIN = [member.value for member in PeftType]
 

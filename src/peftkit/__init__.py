@@ -119,6 +119,7 @@ _CATALOG = {
     "xlora": ("XLoraConfig", "XLoraModel"),
     "poly": ("PolyConfig", "PolyModel"),
     "adaption_prompt": ("AdaptionPromptConfig", "AdaptionPromptModel"),
+    "shadow": ("ShadowConfig", "ShadowModel", "ShadowCache", "DetachedShadowModel"),
     "multitask_prompt_tuning": ("MultitaskPromptTuningConfig", "MultitaskPromptTuningModel", "MultitaskPromptTuningInit",
                                 "MultitaskPromptEmbedding"),
     "cpt": ("CPTConfig", "CPTEmbedding", "CPTModel"),

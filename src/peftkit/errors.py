@@ -53,3 +53,7 @@ class CheckpointShapeError(CheckpointError, RuntimeError):
 
 class AdapterStateError(PeftkitError):
     """An adapter operation does not fit the model's current state (e.g. unmerge with nothing merged)."""
+
+
+class NotMergeableError(AdapterStateError, NotImplementedError):
+    """Merging a method whose update is no fixed weight delta (peft raises NotImplementedError)."""

@@ -38,6 +38,11 @@ def _key_prefixes() -> tuple[str, ...]:
     return tuple(sorted({spec.prefix for spec in registered_methods()}, key=len, reverse=True))
 
 
+def _is_tuner_level(key: str) -> bool:
+    """A tensor the tuner holds itself (`base_model.vera_A`, `base_model.shadow_backbone...`): on no module."""
+    return key.startswith("base_model.") and not key.startswith("base_model.model.")
+
+
 def _module_of(key: str) -> str:
     """`base_model.model.a.b.lora_A.weight` -> `a.b` (the wrapped module's path)."""
     key = key.removeprefix("base_model.model.")
@@ -49,7 +54,7 @@ def describe(adapter: AdapterFolder) -> dict[str, Any]:
     config = adapter.config
     n_params = sum(t.numel() for t in adapter.weights.values())
     prefixes = _key_prefixes()  # a key that starts with one (a prompt table) is on no module
-    modules = sorted({_module_of(k) for k in adapter.weights if not k.startswith(prefixes)})
+    modules = sorted({_module_of(k) for k in adapter.weights if not k.startswith(prefixes) and not _is_tuner_level(k)})
     ranks = {config[k] for k in ("r", "init_r", "target_r") if isinstance(config.get(k), int)}
     return {
         "path": adapter.path,
@@ -130,6 +135,8 @@ def _check_targets(adapter: AdapterFolder) -> list[str]:
     saved = [name for name in saved if isinstance(name, str)] if isinstance(saved, list) else []
     problems = []
     for key in adapter.weights:
+        if _is_tuner_level(key):
+            continue
         module = _module_of(key)
         parts = module.split(".")
         if any(name in parts for name in saved) or any(module == t or module.endswith("." + t) for t in targets):

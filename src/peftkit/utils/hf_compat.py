@@ -11,6 +11,7 @@ peftkit spells either name: it asks here.
     get_cache(kwargs) / pop_cache(kwargs) -> the cache passed under either name
     put_cache(kwargs, cache, model)  : the cache under the name `model.forward` takes
     rename_cache(kwargs, model)      : move a cache given under either name to that name
+    output_cache_name(output)        : the field of a model output that carries its cache
 
 The name comes from the signature, not from a version number, so a model with its own forward
 (remote code, a custom head) gets the name it actually takes.
@@ -24,6 +25,7 @@ deprecated aliases). `checkpointing_argument`, `enable_activation_checkpointing`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Optional
@@ -87,6 +89,19 @@ def rename_cache(kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     if cache is not None:
         put_cache(kwargs, cache, model)
     return kwargs
+
+
+def output_cache_name(output: Any) -> Optional[str]:
+    """The field of a model output (instance or ModelOutput class) that carries the KV cache.
+
+    The one holding a cache if any does, else the first of the names the output has; None if it has neither.
+    """
+    if isinstance(output, type):
+        fields = {field.name for field in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+        return next((name for name in CACHE_ARGUMENT_NAMES if name in fields), None)
+    names = [name for name in CACHE_ARGUMENT_NAMES if hasattr(output, name)]
+    filled = [name for name in names if getattr(output, name) is not None]
+    return (filled or names or [None])[0]
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing

@@ -57,6 +57,7 @@ class PeftType(str, enum.Enum):
     XLORA = "XLORA"
     POLY = "POLY"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    SHADOW = "SHADOW"
 
     def __str__(self) -> str:
         return self.value

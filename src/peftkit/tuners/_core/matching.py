@@ -38,7 +38,8 @@ def key_matches(key: str, names: Optional[NamePatterns], field: str = "target_mo
 
 
 def layer_index(key: str, layers_pattern: Optional[NamePatterns]) -> Optional[int]:
-    """The block index in `key` (e.g. 3 in `model.layers.3.self_attn.q_proj`), or None."""
+    """The block index in `key` (e.g. 3 in `model.layers.3.self_attn.q_proj`, or in the block's own
+    key `model.layers.3`, which ShadowPEFT targets), or None."""
     if layers_pattern is None:
         patterns: Iterable[str] = COMMON_LAYERS_PATTERN
     elif isinstance(layers_pattern, str):
@@ -46,7 +47,7 @@ def layer_index(key: str, layers_pattern: Optional[NamePatterns]) -> Optional[in
     else:
         patterns = layers_pattern
     for pattern in patterns:
-        match = re.match(rf"(?:^|.*\.){re.escape(pattern)}\.(\d+)\.", key)
+        match = re.match(rf"(?:^|.*\.){re.escape(pattern)}\.(\d+)(?:\.|$)", key)
         if match:
             return int(match.group(1))
     return None

@@ -38,6 +38,7 @@ from .._core.bias import BiasOptions
 from .._core.buffer_dict import BufferDict
 from .._core.matching import is_targeted
 from .._core.tuner import BaseTuner
+from .._core.tuner_keys import TUNER_KEY_PREFIX, tuner_keys_as_peft
 from ..vblora.shared import refuse_unsupported
 from ..vera.model import VERA_TARGET_MODULES_BY_MODEL_TYPE
 from .config import FrodConfig
@@ -47,7 +48,6 @@ from .layer import SUPPORTED_LAYERS, FrodLayer, dispatch_linear
 FROD_TARGET_MODULES_BY_MODEL_TYPE: dict[str, Any] = {**VERA_TARGET_MODULES_BY_MODEL_TYPE, "vit": ["query", "value"]}
 #: The tuner's per-category containers, and their checkpoint-key prefix (peft's `PeftModel.base_model.<name>`).
 PROJECTION_NAMES = ("frod_V", "frod_s_indices", "frod_s_size")
-TUNER_KEY_PREFIX = "base_model."
 
 
 def category_from_key(key: str) -> str:
@@ -278,8 +278,7 @@ class FrodModel(BiasOptions, BaseTuner):
 
     def state_for_save(self, adapter_name: str, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         """Tuner-level keys are written as peft writes them, `base_model.frod_V.<category>` (no model prefix)."""
-        tuner_prefix = prefix + TUNER_KEY_PREFIX
-        return {(key[len(prefix):] if key.startswith(tuner_prefix) else key): tensor for key, tensor in state.items()}
+        return tuner_keys_as_peft(state, prefix)
 
     def _has_projections(self, state: dict[str, torch.Tensor]) -> bool:
         markers = tuple(f"{TUNER_KEY_PREFIX}{name}." for name in PROJECTION_NAMES)

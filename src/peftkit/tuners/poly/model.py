@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ...errors import AdapterStateError, ConfigError
+from ...errors import ConfigError, NotMergeableError
 from .._core.base_layers import base_of
 from .._core.call_state import task_ids_scope
 from .._core.size_limits import ELEMENTS_FACTOR, element_limit
@@ -37,7 +37,7 @@ NOT_MERGEABLE = (
 )
 
 
-class PolyMergeError(AdapterStateError, NotImplementedError):
+class PolyMergeError(NotMergeableError):
     """Merging a Poly adapter (peft raises NotImplementedError)."""
 
 

@@ -38,9 +38,7 @@ from .._core.buffer_dict import BufferDict
 from .._core.layer import BaseTunerLayer
 from .._core.bias import BiasOptions
 from .._core.tuner import BaseTuner
-
-#: Checkpoint-key prefix of tensors the tuner holds (peft's `PeftModel.base_model.<attribute>`).
-TUNER_KEY_PREFIX = "base_model."
+from .._core.tuner_keys import TUNER_KEY_PREFIX, tuner_keys_as_peft
 
 
 class UnsupportedLayerError(TargetModulesError, TypeError):
@@ -163,8 +161,7 @@ class SharedTensorsTuner(BiasOptions, BaseTuner):
 
     def state_for_save(self, adapter_name: str, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         """Tuner-level keys are written as peft writes them, `base_model.<attribute>` (see the module docstring)."""
-        tuner_prefix = prefix + TUNER_KEY_PREFIX
-        return {(key[len(prefix):] if key.startswith(tuner_prefix) else key): tensor for key, tensor in state.items()}
+        return tuner_keys_as_peft(state, prefix)
 
 
 def refuse_unsupported(display_name: str, supported: str) -> Any:
