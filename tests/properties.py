@@ -205,6 +205,7 @@ def property_tests(
     train: tuple = ({"init_weights": True},),
     lr: float = 5e-2,
     mergeable: bool = True,
+    leave_out: tuple[str, ...] = (),
 ) -> dict[str, Callable]:
     """The shared properties as test functions for a method's test file, which defines the `case` fixture
     ((model name, TinyCase)) and `config_for(name, **overrides)`:
@@ -213,7 +214,7 @@ def property_tests(
 
     Each tuple holds one dict of config overrides per variant of that test; `second(name)` gives the
     overrides of the second adapter for the switch test (None: not tested); `mergeable=False` leaves the
-    merge properties out.
+    merge properties out; `leave_out` names generated tests the file writes itself (or that do not apply).
     """
     def config(case, overrides):
         name, tiny = case
@@ -258,4 +259,17 @@ def property_tests(
         plan += [(test_merge_equals_unmerged, merge), (test_merge_unmerge_restores_weights, restore)]
     if second is not None:
         plan.append((test_adapters_switch, ({},)))
-    return {test.__name__: _variants(variants)(test) for test, variants in plan}
+    return {test.__name__: _variants(variants)(test) for test, variants in plan if test.__name__ not in leave_out}
+
+
+def check_generate_equals_greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Greedy `generate` (no eos stop) gives the tokens of feeding the argmax back by hand, one step at a time."""
+    model.generation_config.eos_token_id = None
+    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               do_sample=False)
+    by_hand = ids
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=by_hand, attention_mask=torch.ones_like(by_hand)).logits
+        by_hand = torch.cat((by_hand, logits[:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(generated, by_hand)

@@ -32,39 +32,25 @@ def adalora(case, **overrides) -> AdaLoraConfig:
 
 @pytest.fixture(params=CASES)
 def case(request):
-    return MODEL_FACTORIES[request.param]
+    return request.param, MODEL_FACTORIES[request.param]
+
+
+def config_for(name: str, **overrides) -> AdaLoraConfig:
+    return adalora(MODEL_FACTORIES[name], **overrides)
 
 
 LLAMA = MODEL_FACTORIES["llama"]
 
 
 # ---------------------------------------------------------------------------------------------- properties
-def test_fresh_adapter_is_noop(case):
-    prop.fresh_adapter_is_noop(case.make_model, case.make_inputs(), adalora(case, init_lora_weights=True))
-
-
-def test_merge_equals_unmerged(case):
-    prop.check_merge_equals_unmerged(case.make_model, case.make_inputs(), adalora(case))
-
-
-def test_merge_unmerge_restores_weights(case):
-    prop.check_merge_unmerge_restores_weights(case.make_model, adalora(case))
-
-
-def test_disable_gives_base(case):
-    prop.check_disable_gives_base(case.make_model, case.make_inputs(), adalora(case))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    prop.check_save_load_roundtrip(case.make_model, case.make_inputs(), adalora(case), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    prop.check_only_adapter_params_train(case.make_model, case.make_inputs(), adalora(case))
-
-
-def test_training_lowers_loss(case):
-    prop.check_training_lowers_loss(case.make_model, case.make_inputs(), adalora(case, init_lora_weights=True))
+# AdaLoRA allows one trainable adapter only: the switch is checked by hand below
+globals().update(prop.property_tests(
+    config_for,
+    second=None,
+    fresh=({"init_lora_weights": True},),
+    train=({"init_lora_weights": True},),
+    lr=1e-2,
+))
 
 
 def test_adapters_switch():

@@ -13,7 +13,7 @@ from peftkit import (
     initialize_kv_prefix_from_past_key_values, initialize_kv_prefix_from_text, load_peft_weights,
     prompt_embeddings_from_past_key_values)
 from peftkit.errors import CheckpointError
-from tests.properties import assert_close, assert_differs, output_of
+from tests.properties import assert_close, assert_differs, check_generate_equals_greedy, output_of
 from tests.tiny_models import bert_seq_cls, cls_inputs, llama, lm_inputs, seq2seq_inputs, t5
 
 N = 4
@@ -203,16 +203,7 @@ def test_disabled_adapter_is_the_base_model_and_merge_is_refused():
 
 
 def test_generate_equals_greedy_by_hand():
-    model = _model()
-    model.generation_config.eos_token_id = None
-    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
-    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-    by_hand = ids
-    for _ in range(4):
-        with torch.no_grad():
-            logits = model(input_ids=by_hand, attention_mask=torch.ones_like(by_hand)).logits
-        by_hand = torch.cat((by_hand, logits[:, -1:].argmax(-1)), dim=1)
-    assert torch.equal(generated, by_hand)
+    check_generate_equals_greedy(_model(), torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]]), max_new_tokens=4)
 
 
 # ---------------------------------------------------------------------------------------------- composition

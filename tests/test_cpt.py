@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from peftkit import CPTConfig, ConfigError, PeftModel, get_peft_model
 from peftkit.utils.peft_types import PeftType
-from tests.properties import assert_close, assert_differs, output_of
+from tests.properties import assert_close, assert_differs, check_generate_equals_greedy, output_of
 from tests.tiny_models import llama, lm_inputs
 
 #: Two examples of context: [in-template, input, out-template, output] x 2 (types 4i+1 .. 4i+4).
@@ -232,15 +232,7 @@ def test_generate_equals_greedy_by_hand():
     model = _model()
     _train(model, steps=2)
     model.eval()
-    model.generation_config.eos_token_id = None
-    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
-    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-    by_hand = ids
-    for _ in range(3):
-        with torch.no_grad():
-            logits = model(input_ids=by_hand, attention_mask=torch.ones_like(by_hand)).logits
-        by_hand = torch.cat((by_hand, logits[:, -1:].argmax(-1)), dim=1)
-    assert torch.equal(generated, by_hand)
+    check_generate_equals_greedy(model, torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]]), max_new_tokens=3)
 
 
 def test_save_holds_context_plus_projected_delta_and_reloads(tmp_path):

@@ -207,45 +207,12 @@ def case(request):
     return request.param, MODEL_FACTORIES[request.param]
 
 
-def test_fresh_adapter_is_noop(case):
-    name, tiny = case
-    prop.fresh_adapter_is_noop(tiny.make_model, tiny.make_inputs(), ia3(name, init_ia3_weights=True))
-
-
-def test_merge_equals_unmerged(case):
-    name, tiny = case
-    prop.check_merge_equals_unmerged(tiny.make_model, tiny.make_inputs(), ia3(name))
-
-
-def test_merge_unmerge_restores_weights(case):
-    name, tiny = case
-    prop.check_merge_unmerge_restores_weights(tiny.make_model, ia3(name))
-
-
-def test_disable_gives_base(case):
-    name, tiny = case
-    prop.check_disable_gives_base(tiny.make_model, tiny.make_inputs(), ia3(name))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    name, tiny = case
-    prop.check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), ia3(name), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    name, tiny = case
-    prop.check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), ia3(name))
-
-
-def test_adapters_switch(case):
-    name, tiny = case
-    second = ia3(name, target_modules=ATTENTION_TARGETS[name], feedforward_modules=[])
-    prop.check_adapters_switch(tiny.make_model, tiny.make_inputs(), ia3(name), second)
-
-
-def test_training_lowers_loss(case):
-    name, tiny = case
-    prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), ia3(name, init_ia3_weights=True), lr=5e-2)
+globals().update(prop.property_tests(
+    ia3,
+    second=lambda name: {"target_modules": ATTENTION_TARGETS[name], "feedforward_modules": []},
+    fresh=({"init_ia3_weights": True},),
+    train=({"init_ia3_weights": True},),
+))
 
 
 # ---------------------------------------------------------------------------------------------- folded path

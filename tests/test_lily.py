@@ -210,33 +210,11 @@ def case(request):
     return request.param, MODEL_FACTORIES[request.param]
 
 
-def test_fresh_adapter_is_noop(case):
-    name, tiny = case
-    prop.fresh_adapter_is_noop(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=True))
-
-
-def test_disable_gives_base(case):
-    name, tiny = case
-    prop.check_disable_gives_base(tiny.make_model, tiny.make_inputs(), config_for(name))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    name, tiny = case
-    prop.check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), config_for(name, stride_A=2), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    name, tiny = case
-    prop.check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), config_for(name))
-
-
-def test_adapters_switch(case):
-    name, tiny = case
-    second = config_for(name, r=2, target_modules=TARGETS[name][:1])
-    prop.check_adapters_switch(tiny.make_model, tiny.make_inputs(), config_for(name), second)
-
-
-@pytest.mark.parametrize("init", [True, False])
-def test_training_lowers_loss(case, init):
-    name, tiny = case
-    prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=init), lr=2e-2)
+globals().update(prop.property_tests(
+    config_for,
+    second=lambda name: {"r": 2, "target_modules": TARGETS[name][:1]},
+    roundtrip=({"stride_A": 2},),
+    train=({"init_weights": True}, {"init_weights": False}),
+    lr=2e-2,
+    mergeable=False,
+))

@@ -330,48 +330,20 @@ def test_conv_training_lowers_loss(method):
 @pytest.fixture(params=[(m, c) for m in METHODS for c in CASES], ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request):
     method, name = request.param
-    return method, name, MODEL_FACTORIES[name]
+    return (method, name), MODEL_FACTORIES[name]
 
 
-def test_fresh_adapter_is_noop(case):
-    method, name, tiny = case
-    prop.fresh_adapter_is_noop(tiny.make_model, tiny.make_inputs(), config_for(method, name, init_weights=True))
+def case_config(case_name: tuple, **overrides):
+    """`config_for` of a case named (method, model name)."""
+    method, name = case_name
+    return config_for(method, name, **overrides)
 
 
-def test_merge_equals_unmerged(case):
-    method, name, tiny = case
-    prop.check_merge_equals_unmerged(tiny.make_model, tiny.make_inputs(), config_for(method, name))
-
-
-def test_merge_unmerge_restores_weights(case):
-    method, name, tiny = case
-    prop.check_merge_unmerge_restores_weights(tiny.make_model, config_for(method, name))
-
-
-def test_disable_gives_base(case):
-    method, name, tiny = case
-    prop.check_disable_gives_base(tiny.make_model, tiny.make_inputs(), config_for(method, name))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    method, name, tiny = case
-    prop.check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), config_for(method, name), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    method, name, tiny = case
-    prop.check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), config_for(method, name))
-
-
-def test_adapters_switch(case):
-    method, name, tiny = case
-    second = config_for(method, name, r=2, alpha=3, target_modules=TARGETS[name][:1])
-    prop.check_adapters_switch(tiny.make_model, tiny.make_inputs(), config_for(method, name), second)
-
-
-def test_training_lowers_loss(case):
-    method, name, tiny = case
-    prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), config_for(method, name, init_weights=True))
+globals().update(prop.property_tests(
+    case_config,
+    second=lambda case_name: {"r": 2, "alpha": 3, "target_modules": TARGETS[case_name[1]][:1]},
+    lr=1e-2,
+))
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -19,43 +19,20 @@ def lora(case, **overrides) -> LoraConfig:
 
 @pytest.fixture(params=CASES)
 def case(request):
-    return MODEL_FACTORIES[request.param]
+    return request.param, MODEL_FACTORIES[request.param]
 
 
-def test_fresh_adapter_is_noop(case):
-    prop.fresh_adapter_is_noop(case.make_model, case.make_inputs(), lora(case, init_lora_weights=True))
+def config_for(name: str, **overrides) -> LoraConfig:
+    return lora(MODEL_FACTORIES[name], **overrides)
 
 
-def test_gaussian_init_is_noop(case):
-    prop.fresh_adapter_is_noop(case.make_model, case.make_inputs(), lora(case, init_lora_weights="gaussian"))
-
-
-def test_merge_equals_unmerged(case):
-    prop.check_merge_equals_unmerged(case.make_model, case.make_inputs(), lora(case))
-
-
-def test_merge_unmerge_restores_weights(case):
-    prop.check_merge_unmerge_restores_weights(case.make_model, lora(case))
-
-
-def test_disable_gives_base(case):
-    prop.check_disable_gives_base(case.make_model, case.make_inputs(), lora(case))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    prop.check_save_load_roundtrip(case.make_model, case.make_inputs(), lora(case), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    prop.check_only_adapter_params_train(case.make_model, case.make_inputs(), lora(case))
-
-
-def test_adapters_switch(case):
-    prop.check_adapters_switch(case.make_model, case.make_inputs(), lora(case), lora(case, r=2, use_rslora=True))
-
-
-def test_training_lowers_loss(case):
-    prop.check_training_lowers_loss(case.make_model, case.make_inputs(), lora(case, init_lora_weights=True))
+globals().update(prop.property_tests(
+    config_for,
+    second=lambda name: {"r": 2, "use_rslora": True},
+    fresh=({"init_lora_weights": True}, {"init_lora_weights": "gaussian"}),
+    train=({"init_lora_weights": True},),
+    lr=1e-2,
+))
 
 
 @pytest.mark.parametrize(

@@ -353,26 +353,12 @@ def test_merge_equals_unmerged(case):
     prop.assert_close(prop.output_of(merged, inputs), unmerged, atol=MERGE_ATOL)
 
 
-def test_disable_gives_base(case):
-    name, tiny = case
-    prop.check_disable_gives_base(tiny.make_model, tiny.make_inputs(), config_for(name))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    name, tiny = case
-    prop.check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), config_for(name), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    name, tiny = case
-    prop.check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=True))
-
-
-def test_adapters_switch(case):
-    name, tiny = case
-    prop.check_adapters_switch(tiny.make_model, tiny.make_inputs(), config_for(name), config_for(name, effective_rank=0.5))
-
-
-def test_training_lowers_loss(case):
-    name, tiny = case
-    prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=True), lr=1e-2)
+# the fresh adapter (atol 1e-4) and merging (MERGE_ATOL) are checked by hand above, with looser tolerances
+globals().update(prop.property_tests(
+    config_for,
+    second=lambda name: {"effective_rank": 0.5},
+    only_adapter=({"init_weights": True},),
+    lr=1e-2,
+    mergeable=False,
+    leave_out=("test_fresh_adapter_is_noop",),
+))

@@ -337,37 +337,15 @@ def test_low_cpu_mem_usage_load(tmp_path):
 # ---------------------------------------------------------------------------------------------- properties
 @pytest.fixture(params=list(TARGETS))
 def case(request):
-    return request.param, MODEL_FACTORIES[request.param]
+    """The case with its inputs carrying task ids."""
+    name = request.param
+    return name, dataclasses.replace(MODEL_FACTORIES[name], make_inputs=lambda: inputs_for(name))
 
 
-def test_fresh_adapter_is_noop(case):
-    name, tiny = case
-    prop.fresh_adapter_is_noop(tiny.make_model, inputs_for(name), config_for(name, init_weights=True))
-
-
-def test_disable_gives_base(case):
-    name, tiny = case
-    prop.check_disable_gives_base(tiny.make_model, inputs_for(name), config_for(name))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    name, tiny = case
-    prop.check_save_load_roundtrip(tiny.make_model, inputs_for(name), config_for(name), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    name, tiny = case
-    prop.check_only_adapter_params_train(tiny.make_model, inputs_for(name), config_for(name))
-
-
-def test_adapters_switch(case):
-    name, tiny = case
-    second = config_for(name, r=3, n_splits=1, target_modules=TARGETS[name][:1])
-    prop.check_adapters_switch(tiny.make_model, inputs_for(name), config_for(name), second)
-
-
-@pytest.mark.parametrize("init", [True, False])
-def test_training_lowers_loss(case, init):
-    name, tiny = case
-    torch.manual_seed(0)
-    prop.check_training_lowers_loss(tiny.make_model, inputs_for(name), config_for(name, init_weights=init), lr=2e-2)
+globals().update(prop.property_tests(
+    config_for,
+    second=lambda name: {"r": 3, "n_splits": 1, "target_modules": TARGETS[name][:1]},
+    train=({"init_weights": True}, {"init_weights": False}),
+    lr=2e-2,
+    mergeable=False,
+))

@@ -334,45 +334,11 @@ def case(request):
     return request.param, MODEL_FACTORIES[request.param]
 
 
-def test_fresh_adapter_is_noop(case):
-    name, tiny = case
-    prop.fresh_adapter_is_noop(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=True))
-
-
-def test_merge_equals_unmerged(case):
-    name, tiny = case
-    prop.check_merge_equals_unmerged(tiny.make_model, tiny.make_inputs(), config_for(name))
-
-
-def test_merge_unmerge_restores_weights(case):
-    name, tiny = case
-    prop.check_merge_unmerge_restores_weights(tiny.make_model, config_for(name))
-
-
-def test_disable_gives_base(case):
-    name, tiny = case
-    prop.check_disable_gives_base(tiny.make_model, tiny.make_inputs(), config_for(name))
-
-
-def test_save_load_roundtrip(case, tmp_path):
-    name, tiny = case
-    prop.check_save_load_roundtrip(tiny.make_model, tiny.make_inputs(), config_for(name), tmp_path)
-
-
-def test_only_adapter_params_train(case):
-    name, tiny = case
-    prop.check_only_adapter_params_train(tiny.make_model, tiny.make_inputs(), config_for(name))
-
-
-def test_adapters_switch(case):
-    name, tiny = case
-    prop.check_adapters_switch(tiny.make_model, tiny.make_inputs(), config_for(name),
-                               config_for(name, variant="road_4", group_size=4))
-
-
-def test_training_lowers_loss(case):
-    name, tiny = case
-    prop.check_training_lowers_loss(tiny.make_model, tiny.make_inputs(), config_for(name, init_weights=True))
+globals().update(prop.property_tests(
+    config_for,
+    second=lambda name: {"variant": "road_4", "group_size": 4},
+    lr=1e-2,
+))
 
 
 @pytest.mark.parametrize("variant", ["road_2", "road_4"])

@@ -71,7 +71,9 @@ class ShadowModel(BaseTuner):
     dispatchers = (dispatch_shadow,)
     display_name = "ShadowPEFT"
     supported_layers = "whole decoder blocks (consecutive entries of the model's block list)"
-    uses_shared_state = True
+    # As peft: not flagged, so `inject_adapter_in_model` works; the model's hooks keep the tuner (and
+    # with it the backbone) alive. Its state dict then holds the block tensors only.
+    uses_shared_state = False
 
     # ------------------------------------------------------------------ adding adapters
     def _prepare_adapter_config(self, config: ShadowConfig) -> ShadowConfig:
@@ -265,12 +267,20 @@ class ShadowModel(BaseTuner):
             kwargs["position_ids"] = position_ids
         if shadow_past is not None:
             put_cache(kwargs, shadow_past, backbone)
-        if self._shares_embeddings.get(adapter_name) and inputs_embeds is None:
-            inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        if inputs_embeds is not None:
+        if self._shares_embeddings.get(adapter_name):
+            if inputs_embeds is None:
+                inputs_embeds = self.model.get_input_embeddings()(input_ids)
+            out = backbone(inputs_embeds=inputs_embeds, **kwargs)
+        elif input_ids is not None:  # the backbone's own embedding table
+            out = backbone(input_ids=input_ids, **kwargs)
+        elif inputs_embeds.shape[-1] == hidden_size(backbone.config):
             out = backbone(inputs_embeds=inputs_embeds, **kwargs)
         else:
-            out = backbone(input_ids=input_ids, **kwargs)
+            raise ValueError(
+                f"This shadow backbone has its own {hidden_size(backbone.config)}-wide embeddings and cannot read "
+                f"{inputs_embeds.shape[-1]}-wide `inputs_embeds`; pass `input_ids` (or use a backbone of the base width "
+                "with share_embeddings=True)."
+            )
         name = output_cache_name(out)
         return self.shadow_projection[adapter_name](out.last_hidden_state), getattr(out, name) if name else None
 
