@@ -39,6 +39,25 @@ def test_fields_are_filled_from_the_model_config_grouped_query_included():
     assert (prompt.token_dim, prompt.num_transformer_submodules) == (32, 2)
 
 
+def test_prefix_encoder_loads_a_flattened_key_value_table():
+    """peft's `PrefixEncoder.load_prompt_embeddings`: the table is the parameter (no projection)."""
+    from peftkit.errors import CheckpointError
+
+    inputs = lm_inputs()
+    model = get_peft_model(llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
+    encoder = model.prompt_encoder["default"]
+    before = output_of(model, inputs)
+    table = torch.randn_like(encoder.embedding.weight)
+    encoder.load_prompt_embeddings(table)
+    assert torch.equal(encoder.embedding.weight, table)
+    assert_differs(output_of(model, inputs), before)
+    with pytest.raises(CheckpointError, match="Invalid `prompt_embeddings` shape"):
+        encoder.load_prompt_embeddings(table[:-1])
+    projected = get_peft_model(llama(), CONFIGS["prefix_projection"]("CAUSAL_LM")).prompt_encoder["default"]
+    with pytest.raises(ConfigError, match="prefix_projection=True"):
+        projected.load_prompt_embeddings(table)
+
+
 def test_config_errors_are_plain():
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         PromptTuningConfig(num_virtual_tokens=0)

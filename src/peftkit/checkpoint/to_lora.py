@@ -74,31 +74,10 @@ def convert_to_lora(
         raise ValueError(f"If rank is a float, it is interpreted as a threshold. It must be between 0 and 1 but got {rank}.")
     if rank == 0:
         raise ValueError("Passing a rank of 0 doesn't make sense, please pass a valid value.")
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    unsupported = sorted({repr(type(m)) for _, m in layers if not m.supports_lora_conversion(adapter_name)})
-    if unsupported:
-        raise TypeError(f"Some module types on this model do not support LoRA conversion: {', '.join(unsupported)}.")
-    if not layers:
-        raise TypeError("Could not detect any layer that supports LoRA conversion.")
+    layers = _convertible_layers(model, adapter_name)
     source = getattr(model, "peft_config", {}).get(adapter_name)
-    if source is not None and str(source.peft_type) == PeftType.LORA.value:
-        warnings.warn("Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.")
-    bias = getattr(source, "bias", getattr(source, "lora_bias", "none"))
-    if bias not in ("none", False):
-        raise ValueError(f"The adapter's config sets bias={bias}, this is not supported right now.")
-
-    fields: dict[str, Any] = {"rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": set()}
-    if source is not None:
-        fields["target_modules"] = copy.copy(source.target_modules)
-        fields["base_model_name_or_path"] = source.base_model_name_or_path
-        if hasattr(source, "layers_pattern"):
-            fields["layers_pattern"], fields["layers_to_transform"] = source.layers_pattern, source.layers_to_transform
-    else:
-        fields["target_modules"] = set()
-    fixed = isinstance(rank, int)
-    config = LoraConfig(r=rank if fixed else 1, lora_alpha=rank if fixed else 1, **fields)
+    config = _lora_config_like(source, rank)
     factorize = torch.compile(lora_factors, **compile_kwargs) if compile_kwargs is not None else lora_factors
-
     if progressbar:
         from tqdm.auto import tqdm
 
@@ -118,14 +97,49 @@ def convert_to_lora(
             config.target_modules.add(short)
         state[f"{name}.lora_A.weight"] = weight_a
         state[f"{name}.lora_B.weight"] = weight_b
-
     if source is not None and getattr(source, "modules_to_save", None):
         config.modules_to_save = copy.copy(source.modules_to_save)
-        for name, module in model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                for param_name, param in module.modules_to_save[adapter_name].named_parameters():
-                    state[f"{name}.{param_name}"] = param.detach()
+        state.update(_modules_to_save_state(model, adapter_name))
     return config, state
+
+
+def _convertible_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, BaseTunerLayer]]:
+    """Every tuner layer of `model`; TypeError (peft's) if one cannot be converted, or there is none."""
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    unsupported = sorted({repr(type(m)) for _, m in layers if not m.supports_lora_conversion(adapter_name)})
+    if unsupported:
+        raise TypeError(f"Some module types on this model do not support LoRA conversion: {', '.join(unsupported)}.")
+    if not layers:
+        raise TypeError("Could not detect any layer that supports LoRA conversion.")
+    return layers
+
+
+def _lora_config_like(source: Any, rank: Union[int, float]) -> LoraConfig:
+    """The LoraConfig of the converted adapter: the source's targets and layer selection, alpha = rank
+    (scaling 1), ranks that differ per layer filled in by the caller (rank_pattern / alpha_pattern)."""
+    if source is not None and str(source.peft_type) == PeftType.LORA.value:
+        warnings.warn("Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.")
+    bias = getattr(source, "bias", getattr(source, "lora_bias", "none"))
+    if bias not in ("none", False):
+        raise ValueError(f"The adapter's config sets bias={bias}, this is not supported right now.")
+    fields: dict[str, Any] = {"rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": set(), "target_modules": set()}
+    if source is not None:
+        fields["target_modules"] = copy.copy(source.target_modules)
+        fields["base_model_name_or_path"] = source.base_model_name_or_path
+        if hasattr(source, "layers_pattern"):
+            fields["layers_pattern"], fields["layers_to_transform"] = source.layers_pattern, source.layers_to_transform
+    fixed = isinstance(rank, int)
+    return LoraConfig(r=rank if fixed else 1, lora_alpha=rank if fixed else 1, **fields)
+
+
+def _modules_to_save_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's modules-to-save copies, under their full parameter paths."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for param_name, param in module.modules_to_save[adapter_name].named_parameters():
+                state[f"{name}.{param_name}"] = param.detach()
+    return state
 
 
 def save_as_lora(

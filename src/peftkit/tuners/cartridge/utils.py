@@ -74,15 +74,7 @@ def _kv_prefix_config(model: Any, adapter_name: Optional[str]) -> tuple[str, Any
 
 
 def _load_table(encoder: Any, table: torch.Tensor) -> None:
-    loader = getattr(encoder, "load_prompt_embeddings", None)
-    if loader is not None:
-        loader(table)
-        return
-    weight = encoder.embedding.weight  # prefix tuning without projection: the table is the parameter
-    if tuple(table.shape) != tuple(weight.shape):
-        raise ValueError(f"Invalid `prompt_embeddings` shape. Expected {tuple(weight.shape)}, got {tuple(table.shape)}.")
-    with torch.no_grad():
-        weight.copy_(table)
+    encoder.load_prompt_embeddings(table)  # CartridgeEncoder's and PrefixEncoder's, as in peft
 
 
 @torch.no_grad()

@@ -284,28 +284,7 @@ def _eva_state_dict(model: nn.Module, dataloader: Iterable, config: Any, is_targ
             "will gather tensors from all ranks. Ensure the model does not receive the same inputs on different ranks."
         )
     eva = config.eva_config or EvaConfig()
-    rho = eva.rho
-    if rho > _RHO_THRESHOLD:
-        rho = min(rho, max(max(p.shape) for p in model.parameters()) // config.r)
-    per_layer = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
-    hooks: dict[str, _LayerInputs] = {}
-    max_components: dict[str, int] = {}
-    budget = 0
-    for name, module in model.named_modules():
-        if not is_target(name, module):
-            continue
-        prepare = per_layer.pop(name, None) if per_layer is not None else prepare_layer_inputs_fn
-        hooks[name] = _LayerInputs(name, prepare, gather)
-        rank = pattern_value(config.rank_pattern or {}, name, config.r)
-        max_components[name] = round(rank * rho)
-        budget += rank
-    if per_layer:
-        raise ValueError("prepare_layer_inputs_fn is a mapping but the following module names were not found in the "
-                         f"model: {per_layer.keys()}")
-    if not hooks:
-        raise ValueError("EVA found no Linear LoRA layer to initialise (Embedding, Conv and MultiheadAttention LoRA "
-                         "layers are not supported).")
-
+    hooks, max_components, budget = _layer_hooks(model, config, eva, is_target, prepare_layer_inputs_fn, gather)
     device = _model_device(model)
     training = model.training
     model.eval()
@@ -322,11 +301,7 @@ def _eva_state_dict(model: nn.Module, dataloader: Iterable, config: Any, is_targ
 
         feed(next(iter(dataloader)))  # which layers see the same input: they share one decomposition
         shared = _share_inputs(hooks)
-        for group_owner in set(shared.values()):
-            group = [group_owner] + [n for n, o in shared.items() if o == group_owner]
-            top = max(max_components[n] for n in group)
-            for n in group:
-                max_components[n] = top
+        _share_component_counts(shared, max_components)
         for name in shared:
             handles.pop(name).remove()
         owners = {name: hook for name, hook in hooks.items() if name not in shared}
@@ -356,11 +331,54 @@ def _eva_state_dict(model: nn.Module, dataloader: Iterable, config: Any, is_targ
             handle.remove()
         model.train(training)
 
+    return _components(ranks, {name: owners[owner_of[name]].pca for name in ranks}, eva.whiten, device)
+
+
+def _layer_hooks(model: nn.Module, config: Any, eva: "EvaConfig", is_target: Callable[[str, nn.Module], bool],
+                 prepare_layer_inputs_fn: Union[Callable, Mapping[str, Callable], None],
+                 gather: bool) -> tuple[dict[str, "_LayerInputs"], dict[str, int], int]:
+    """(input collector per target layer, its most components = round(rank * rho), the rank budget)."""
+    rho = eva.rho
+    if rho > _RHO_THRESHOLD:
+        rho = min(rho, max(max(p.shape) for p in model.parameters()) // config.r)
+    per_layer = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
+    hooks: dict[str, _LayerInputs] = {}
+    max_components: dict[str, int] = {}
+    budget = 0
+    for name, module in model.named_modules():
+        if not is_target(name, module):
+            continue
+        prepare = per_layer.pop(name, None) if per_layer is not None else prepare_layer_inputs_fn
+        hooks[name] = _LayerInputs(name, prepare, gather)
+        rank = pattern_value(config.rank_pattern or {}, name, config.r)
+        max_components[name] = round(rank * rho)
+        budget += rank
+    if per_layer:
+        raise ValueError("prepare_layer_inputs_fn is a mapping but the following module names were not found in the "
+                         f"model: {per_layer.keys()}")
+    if not hooks:
+        raise ValueError("EVA found no Linear LoRA layer to initialise (Embedding, Conv and MultiheadAttention LoRA "
+                         "layers are not supported).")
+    return hooks, max_components, budget
+
+
+def _share_component_counts(shared: Mapping[str, str], max_components: dict[str, int]) -> None:
+    """Layers that see the same input (`shared`: layer -> owner) get the largest count of their group."""
+    for owner in set(shared.values()):
+        group = [owner] + [name for name, o in shared.items() if o == owner]
+        top = max(max_components[name] for name in group)
+        for name in group:
+            max_components[name] = top
+
+
+def _components(ranks: Mapping[str, int], pcas: Mapping[str, Any], whiten: bool,
+                device: Optional[torch.device]) -> dict[str, torch.Tensor]:
+    """Each layer's first `rank` principal components (divided by sqrt(singular value) with `whiten`)."""
     state: dict[str, torch.Tensor] = {}
     for name, rank in ranks.items():
-        pca = owners[owner_of[name]].pca
+        pca = pcas[name]
         rows = pca.components_[:rank]
-        if eva.whiten:
+        if whiten:
             rows = rows / pca.singular_values_[:rank].sqrt().view(-1, 1)
         state[name] = rows.clone() if device is None else rows.to(device)
     return state

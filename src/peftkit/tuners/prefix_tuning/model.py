@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import CheckpointError, ConfigError
 from .._prompt.model import PromptLearningModel
 from .config import PrefixTuningConfig
 
@@ -39,6 +40,23 @@ class PrefixEncoder(nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         embedded = self.embedding(indices)
         return self.transform(embedded) if self.prefix_projection else embedded
+
+    def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
+        """Copy a whole `(num_virtual_tokens, num_layers * 2 * token_dim)` key/value table in (peft's method).
+
+        Only without `prefix_projection`: then the table is the parameter; with it, the parameters are
+        token embeddings and an MLP, which no flattened prefix can be inverted into.
+        """
+        if self.prefix_projection:
+            raise ConfigError("Cannot load flattened prompt embeddings when `prefix_projection=True`.")
+        weight = self.embedding.weight
+        if tuple(prompt_embeddings.shape) != tuple(weight.shape):
+            raise CheckpointError(
+                f"Invalid `prompt_embeddings` shape. Expected {tuple(weight.shape)}, got "
+                f"{tuple(prompt_embeddings.shape)}; check num_virtual_tokens and that the table comes from this base model."
+            )
+        with torch.no_grad():
+            weight.copy_(prompt_embeddings.to(weight.device))
 
 
 class PrefixTuningModel(PromptLearningModel):
