@@ -39,6 +39,31 @@ def test_hotswap_refuses_larger_rank_and_new_targets(tmp_path):
         hotswap_adapter(model, str(tmp_path / "other"), adapter_name="default")
 
 
+@pytest.mark.parametrize("field, value", [("use_dora", True), ("lora_dropout", 0.1), ("use_rslora", True),
+                                          ("alpha_pattern", {"q_proj": 2})])
+def test_hotswap_refuses_configs_whose_layers_differ_and_changes_nothing(tmp_path, field, value):
+    from peftkit import ConfigError
+
+    _save(tmp_path / "a", 1)
+    _save(tmp_path / "b", 2, **{field: value})
+    model = PeftModel.from_pretrained(llama(), str(tmp_path / "a"))
+    before = output_of(model, lm_inputs())
+    with pytest.raises(ConfigError, match=f"Configs are incompatible: for {field}"):
+        hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default")
+    assert_close(output_of(model, lm_inputs()), before, atol=0)
+
+
+def test_check_hotswap_configs_compatible_as_peft():
+    from peftkit import ConfigError, IA3Config
+    from peftkit.hotswap import check_hotswap_configs_compatible
+
+    check_hotswap_configs_compatible(LoraConfig(r=4, lora_alpha=8), LoraConfig(r=2, lora_alpha=3))  # ranks / alpha may differ
+    with pytest.raises(ConfigError, match="Incompatible PEFT types found: LORA and IA3"):
+        check_hotswap_configs_compatible(LoraConfig(), IA3Config())
+    with pytest.raises(ValueError, match="Hotswapping only supports LORA but IA3 was passed"):
+        check_hotswap_configs_compatible(IA3Config(), IA3Config())
+
+
 def test_compiled_model_is_not_recompiled_after_a_prepared_hotswap(tmp_path):
     _save(tmp_path / "a", 1)
     _save(tmp_path / "b", 2, r=6, lora_alpha=5)

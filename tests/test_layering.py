@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "peftkit"
 
 #: What each layer may not import (prefixes of dotted module names inside peftkit).
 ABOVE_TUNERS = ("peft_model", "mapping", "auto", "cli", "integrations", "checkpoint", "distributed", "demo",
-                "hotswap", "merging", "optimizers", "routing")
+                "hotswap", "merging", "optimizers", "routing", "functional")
 FORBIDDEN = {
     "tuners": ABOVE_TUNERS,
     "quantization": ("tuners", "registry", *ABOVE_TUNERS),

@@ -125,6 +125,27 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     hotswap_adapter_from_state_dict(model, checkpoint.weights, adapter_name, config)
 
 
+#: Config fields that must agree for a hot-swap (peft's list): the loaded layers keep these.
+CONFIG_KEYS_TO_CHECK = {"LORA": ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora")}
+
+
+def check_hotswap_configs_compatible(config0: Any, config1: Any) -> None:
+    """ConfigError (a ValueError, as peft's) unless the two configs can be hot-swapped: the same method,
+    one hot-swapping supports, and equal values of the fields the loaded layers keep (dropout module,
+    DoRA, rsLoRA, per-module alphas). Ranks and alpha may differ (scalings are rewritten)."""
+    type0, type1 = str(config0.peft_type), str(config1.peft_type)
+    if type0 != type1:
+        raise ConfigError(f"Incompatible PEFT types found: {type0} and {type1}")
+    if type0 not in CONFIG_KEYS_TO_CHECK:
+        raise ConfigError(f"Hotswapping only supports {', '.join(CONFIG_KEYS_TO_CHECK)} but {type0} was passed.")
+    fields0, fields1 = config0.to_dict(), config1.to_dict()
+    missing = object()
+    for key in CONFIG_KEYS_TO_CHECK[type0]:
+        value0, value1 = fields0.get(key, missing), fields1.get(key, missing)
+        if value0 != value1:
+            raise ConfigError(f"Configs are incompatible: for {key}, {value0} != {value1}")
+
+
 def hotswap_adapter_from_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str, config: Any, parameter_prefix: str = "lora_"
 ) -> None:
@@ -139,6 +160,7 @@ def hotswap_adapter_from_state_dict(
         raise AdapterStateError(f"No loaded adapter named {adapter_name!r} to hot-swap; load one first.")
     if str(config.peft_type) != "LORA" or str(tuner.peft_config[adapter_name].peft_type) != "LORA":
         raise ConfigError("Hot-swapping supports LoRA adapters only.")
+    check_hotswap_configs_compatible(tuner.peft_config[adapter_name], config)
     if any(adapter_name in layer.merged_adapters for _, layer in _lora_layers(model)):
         raise AdapterStateError(
             f"Cannot hot-swap adapter '{adapter_name}' because it is currently merged into the base weights. "

@@ -364,28 +364,8 @@ class BaseTuner(nn.Module):
 
     # ------------------------------------------------------------------ iteration
     def adapter_modules(self) -> Iterator[tuple[str, AdapterLike]]:
-        """(name, module) of every tuner layer and modules-to-save wrapper, outer before inner.
-
-        The walk does not descend into the wrappers it yields (with many adapters their ModuleDicts
-        hold most of the model's modules -- 32 LoRA adapters: ~100 per wrapped layer -- and a
-        mixed-batch call walks the model twice per forward), except along `base_layer` where that is
-        itself a tuner layer: layers nested on purpose (LoRA's `ParamWrapper`, one per parameter).
-        """
-        stack: list[tuple[str, nn.Module]] = [("", self.model)]
-        seen: set[int] = set()
-        while stack:
-            name, module = stack.pop()
-            if id(module) in seen:  # a module registered twice is visited once, as named_modules does
-                continue
-            seen.add(id(module))
-            if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper)):
-                yield name, module
-                inner = getattr(module, "base_layer", None)
-                if isinstance(inner, BaseTunerLayer):  # nested layers (LoRA's ParamWrapper): each is a layer
-                    stack.append((f"{name}.base_layer" if name else "base_layer", inner))
-                continue
-            children = [(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()]
-            stack.extend(reversed(children))  # pre-order, in registration order, as named_modules
+        """(name, module) of every tuner layer and auxiliary wrapper of the model (`adapter_modules_of`)."""
+        return adapter_modules_of(self.model)
 
     def tuner_layers(self) -> Iterator[tuple[str, BaseTunerLayer]]:
         for name, module in self.adapter_modules():
@@ -415,13 +395,7 @@ class BaseTuner(nn.Module):
         """Gradients of the named adapters' trainable tensors on or off (frozen factors stay frozen)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_adapter_exists(names)
-        for _, module in self.adapter_modules():
-            if isinstance(module, BaseTunerLayer):
-                tensors = list(module.trainable_adapter_params(names))
-            else:
-                tensors = [t for name in names if name in module.held_adapters() for t in module.adapter_tensors(name)]
-            for tensor in tensors:
-                tensor.requires_grad_(requires_grad)
+        set_adapters_requires_grad(self.model, names, requires_grad)
 
     # ------------------------------------------------------------------ switching
     def _check_adapter_exists(self, adapter_names: list[str], missing_phrase: str = "does not exist") -> None:
@@ -583,6 +557,42 @@ class BaseTuner(nn.Module):
     def _require_unmerged(self, action: str) -> None:
         if any(layer.merged for _, layer in self.tuner_layers()):
             raise AdapterStateError(f"Cannot {action} while adapters are merged; call unmerge_adapter() first.")
+
+
+def adapter_modules_of(model: nn.Module) -> Iterator[tuple[str, AdapterLike]]:
+    """(name, module) of every tuner layer and auxiliary wrapper in `model`, outer before inner.
+
+    The walk does not descend into the wrappers it yields (with many adapters their ModuleDicts
+    hold most of the model's modules -- 32 LoRA adapters: ~100 per wrapped layer -- and a
+    mixed-batch call walks the model twice per forward), except along `base_layer` where that is
+    itself a tuner layer: layers nested on purpose (LoRA's `ParamWrapper`, one per parameter).
+    """
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    seen: set[int] = set()
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:  # a module registered twice is visited once, as named_modules does
+            continue
+        seen.add(id(module))
+        if isinstance(module, (BaseTunerLayer, AuxiliaryWrapper)):
+            yield name, module
+            inner = getattr(module, "base_layer", None)
+            if isinstance(inner, BaseTunerLayer):  # nested layers (LoRA's ParamWrapper): each is a layer
+                stack.append((f"{name}.base_layer" if name else "base_layer", inner))
+            continue
+        children = [(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()]
+        stack.extend(reversed(children))  # pre-order, in registration order, as named_modules
+
+
+def set_adapters_requires_grad(model: nn.Module, adapter_names: list[str], requires_grad: bool) -> None:
+    """Gradients of the named adapters' trainable tensors in `model` on or off (frozen factors stay frozen)."""
+    for _, module in adapter_modules_of(model):
+        if isinstance(module, BaseTunerLayer):
+            tensors = list(module.trainable_adapter_params(adapter_names))
+        else:
+            tensors = [t for name in adapter_names if name in module.held_adapters() for t in module.adapter_tensors(name)]
+        for tensor in tensors:
+            tensor.requires_grad_(requires_grad)
 
 
 # ---------------------------------------------------------------------- low_cpu_mem_usage / state_dict injection

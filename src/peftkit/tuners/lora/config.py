@@ -153,18 +153,7 @@ class LoraConfig(PeftConfig):
         for key, alpha in self.alpha_pattern.items():
             check_positive_number(alpha, f"alpha_pattern[{key!r}]")
         _check_token_indices(self.trainable_token_indices)
-        if self.alora_invocation_tokens is not None:
-            tokens = self.alora_invocation_tokens
-            if not isinstance(tokens, (list, tuple)) or not tokens or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in tokens
-            ):
-                raise ConfigError(
-                    f"alora_invocation_tokens={tokens!r} is invalid; pass the token ids of the invocation string, "
-                    "e.g. tokenizer.encode('<|assistant|>', add_special_tokens=False)."
-                )
-            self.alora_invocation_tokens = list(tokens)
-            if str(self.task_type) != "CAUSAL_LM":
-                warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=3)
+        self._check_alora_tokens()
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.target_parameters is not None:
@@ -177,6 +166,33 @@ class LoraConfig(PeftConfig):
                 "'orthogonal', 'mica', 'pissa', 'pissa_niter_<N>', 'olora', 'loftq', 'eva', 'lora_ga' or 'corda'."
             )
         self._check_init_configs()
+        self._check_lora_bias()
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and is_valid_base_weight_init(self.init_lora_weights):
+            warnings.warn(
+                "With use_rslora and rank_pattern/alpha_pattern, a PiSSA/OLoRA/LoRA-GA/CorDA adapter cannot be converted to plain "
+                "LoRA on save (path_initial_model_for_weight_conversion); drop one of them if you need that.",
+                stacklevel=3,
+            )
+        check_layer_selection(self)
+
+    def _check_alora_tokens(self) -> None:
+        """aLoRA's invocation tokens: a non-empty list of token ids (stored as a list)."""
+        tokens = self.alora_invocation_tokens
+        if tokens is None:
+            return
+        if not isinstance(tokens, (list, tuple)) or not tokens or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise ConfigError(
+                f"alora_invocation_tokens={tokens!r} is invalid; pass the token ids of the invocation string, "
+                "e.g. tokenizer.encode('<|assistant|>', add_special_tokens=False)."
+            )
+        self.alora_invocation_tokens = list(tokens)
+        if str(self.task_type) != "CAUSAL_LM":
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=4)
+
+    def _check_lora_bias(self) -> None:
+        """`lora_bias` (a trained bias on lora_B): a bool, with the plain inits only, and not with DoRA (peft's rules)."""
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False.")
         if self.lora_bias and self.init_lora_weights not in (True, False):
@@ -186,14 +202,6 @@ class LoraConfig(PeftConfig):
             )
         if self.lora_bias and self.use_dora:
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
-        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and is_valid_base_weight_init(self.init_lora_weights):
-            warnings.warn(
-                "With use_rslora and rank_pattern/alpha_pattern, a PiSSA/OLoRA/LoRA-GA/CorDA adapter cannot be converted to plain "
-                "LoRA on save (path_initial_model_for_weight_conversion); drop one of them if you need that.",
-                stacklevel=3,
-            )
-        check_layer_selection(self)
-
 
     def _register_custom_module(self, mapping: dict[type, type]) -> None:
         """peft's experimental API: wrap modules of type `T` with `mapping[T]` (a LoRA layer class built as

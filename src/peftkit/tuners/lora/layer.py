@@ -143,21 +143,7 @@ class LoraLayer(BaseTunerLayer):
         """
         check_rank(r, "r")
         extra = None if variant is None else build_variant(self, variant, lora_bias)
-        if use_alora and (use_dora or self.alora_support is None):
-            what = "DoRA adapters" if use_dora else f"{type(self.get_base_layer()).__name__} layers"
-            raise ConfigError(
-                f"aLoRA (alora_invocation_tokens) does not support adapting {what}; exclude this module "
-                "via exclude_modules, or drop alora_invocation_tokens."
-            )
-        if lora_bias and not self.supports_lora_bias:
-            raise ConfigError(f"lora_bias=True is not supported for {type(self).__name__} layers; exclude this module.")
-        if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
-            warnings.warn(
-                f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
-                "has no bias. This means that merging LoRA weights won't be possible.",
-                PeftWarning,
-                stacklevel=6,
-            )
+        self._check_options(use_alora, use_dora, lora_bias)
         self.lora_bias[adapter_name] = bool(lora_bias)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -170,21 +156,45 @@ class LoraLayer(BaseTunerLayer):
         else:
             self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
+        self._set_variant(adapter_name, extra, use_dora, use_alora)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _check_options(self, use_alora: bool, use_dora: bool, lora_bias: bool) -> None:
+        """aLoRA and `lora_bias` on layers that cannot take them are refused (before anything is created)."""
+        base = type(self.get_base_layer()).__name__
+        if use_alora and (use_dora or self.alora_support is None):
+            what = "DoRA adapters" if use_dora else f"{base} layers"
+            raise ConfigError(
+                f"aLoRA (alora_invocation_tokens) does not support adapting {what}; exclude this module "
+                "via exclude_modules, or drop alora_invocation_tokens."
+            )
+        if lora_bias and not self.supports_lora_bias:
+            raise ConfigError(f"lora_bias=True is not supported for {type(self).__name__} layers; exclude this module.")
+        if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {base} "
+                "has no bias. This means that merging LoRA weights won't be possible.",
+                PeftWarning,
+                stacklevel=7,
+            )
+
+    def _set_variant(self, adapter_name: str, extra: Any, use_dora: bool, use_alora: bool) -> None:
+        """The adapter's variant, built after its init (DoRA's magnitude is the norm of the initialised
+        weight; KaSA truncates W, BD-LoRA replaces a factor); a re-added adapter keeps no stale variant
+        tensors (lora_diag / sampler / vector / magnitude)."""
         self.lora_variant.pop(adapter_name, None)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        forget_variant_tensors(self, adapter_name)  # a re-added adapter keeps no stale lora_diag / sampler / vector
-        if extra is not None:  # after the init above (KaSA truncates W, BD-LoRA replaces a factor)
+        forget_variant_tensors(self, adapter_name)
+        if extra is not None:
             self.lora_variant[adapter_name] = extra
             extra.init(self, adapter_name)
             self._move_adapter_to_base(adapter_name)
         elif use_dora:
-            # After the init above: DoRA's magnitude starts at the norm of the initialised weight.
             self.lora_variant[adapter_name] = DoraVariant()
             self.lora_variant[adapter_name].init(self, adapter_name)
         elif use_alora and self.alora_support == "variant":
             self.lora_variant[adapter_name] = ALoraVariant()
-        self.set_adapter(self.active_adapters or [adapter_name])
 
     def _init_from_base_weight(
         self, adapter_name: str, init_lora_weights: str, init_config: Optional[dict[str, Any]] = None
