@@ -119,25 +119,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `script` in 2 gloo processes on 127.0.0.1; a hang fails after `timeout` seconds."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
-    # A new session, so that a hang kills the launcher and every rank, not the launcher alone.
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
-    )
+def torchrun(script: str, *args: str, timeout: float = 120, attempts: int = 2) -> subprocess.CompletedProcess:
+    """Run `script` in 2 gloo processes on 127.0.0.1; a hang fails after `timeout` seconds.
+
+    A hung launch is killed with every process it started (torchrun's workers may sit in their own
+    sessions, out of reach of the launcher's process group, and would keep the output pipes open) and
+    tried once more: gloo can deadlock at a rank's teardown on a loaded machine, which says nothing
+    about the code under test. A second hang fails the test with both ranks' output.
+    """
+    for attempt in range(1, attempts + 1):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *args,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            stdout, stderr = proc.communicate(timeout=30)
+            if attempt == attempts:
+                pytest.fail(f"torchrun hung for {timeout} s ({attempts} attempts):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+            continue
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+        return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    raise AssertionError("unreachable")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every descendant (found before any is killed), then its process group."""
+    import psutil
+
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun hung for {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="module")
