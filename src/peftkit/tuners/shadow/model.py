@@ -77,8 +77,8 @@ class ShadowModel(BaseTuner):
 
     # ------------------------------------------------------------------ adding adapters
     def _prepare_adapter_config(self, config: ShadowConfig) -> ShadowConfig:
-        """None target_modules: every decoder block (the shadow state rides the whole loop)."""
-        _refuse_model(self.model)
+        """None target_modules: every decoder block (the shadow state rides the whole loop); the model
+        kind was refused in `add_adapter` already."""
         if config.target_modules is None:
             config = dataclasses.replace(config, target_modules=set(decoder_block_names(self.model)))
         return config
@@ -364,8 +364,7 @@ class ShadowModel(BaseTuner):
         super().set_adapter(names[0], inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._drop_shadow_network(adapter_name)
+        super().delete_adapter(adapter_name)  # its network goes in `_remove_adapter_from_layers`
         self._mark_boundaries()
 
     def _remove_adapter_from_layers(self, adapter_name: str) -> None:
